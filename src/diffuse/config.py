@@ -1,0 +1,289 @@
+"""Typed configuration: dataclasses, TOML presets, `--set key=value` overrides, validation.
+
+A config is read from a preset (src/diffuse/presets/NAME.toml) or a TOML file, then overridden
+key by key; every value is checked against its field's type and range, and the resolved config
+is written into the run directory, so a run is rebuilt from its own files alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+from diffuse.errors import UserError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    name: str = "fmnist"              # fmnist | toy2d
+    mean: float | None = None         # pixel scaling x = (p / 255 - mean) / std, fitted on the first run
+    std: float | None = None
+
+
+@dataclass
+class DiffusionConfig:
+    process: str = "vp"               # vp (DDPM, 1000 steps) | flow (rectified flow, t in [0, 1])
+    schedule: str = "linear"          # vp betas: linear | scaled_linear | cosine
+    zero_terminal_snr: bool = True    # Lin et al. 2023: alpha_bar at the last step is exactly 0
+    prediction: str = "v"             # eps | x0 | v | flow
+
+
+@dataclass
+class ModelConfig:
+    net: str = "unet"                 # unet (images) | mlp (2-D points)
+    channels: list[int] = field(default_factory=lambda: [64, 128, 256])  # unet: per level
+    blocks: int = 2                   # unet: residual blocks per level
+    attn_levels: list[int] = field(default_factory=lambda: [2])  # unet: levels with attention
+    emb_dim: int = 256                # width of the time + condition embedding
+    hidden: int = 256                 # mlp: width
+    depth: int = 4                    # mlp: residual blocks
+    dropout: float = 0.0
+    cond_drop: float = 0.1            # probability of training on the null condition (for CFG)
+
+
+@dataclass
+class TrainConfig:
+    kimg: float = 200.0               # training length in thousands of images
+    batch: int = 64
+    lr: float = 2e-4
+    warmup_kimg: float = 2.0          # linear learning-rate warm-up
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0            # max global gradient norm; 0 turns clipping off
+    ema_halflife_kimg: float = 10.0   # EMA half-life in thousands of images
+    ema_rampup: float = 0.1           # half-life <= rampup * images seen, so early EMA forgets fast
+    seed: int = 0
+    log_kimg: float = 2.0             # metrics.jsonl line every this many kimg
+    grid_kimg: float = 20.0           # sample grid every this many kimg
+    checkpoint_kimg: float = 20.0     # checkpoint every this many kimg (and at the end)
+    keep_checkpoints: int = 3         # newest checkpoints kept
+    threads: int = 0                  # torch CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class SampleConfig:
+    sampler: str = "ddim"             # ddim | ddpm | euler (flow only)
+    steps: int = 25
+    spacing: str = "trailing"         # trailing | leading | linspace
+    eta: float = 0.0
+    cfg: float = 1.0                  # classifier-free guidance scale w; 1 = none
+    rescale: float = 0.0              # guidance rescale phi (Lin et al.), 0 = none
+    n_eval: int = 10_000              # samples for the FD of `diffuse eval RUN`
+    batch: int = 64                   # images per sampler call (small batches run faster on a CPU)
+
+    def sampler_args(self) -> dict:
+        """The keyword arguments of `sampling.sample` that this config sets."""
+        return {k: getattr(self, k) for k in ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "batch")}
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+CHOICES = {
+    "data.name": ("fmnist", "toy2d"),
+    "diffusion.process": ("vp", "flow"),
+    "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
+    "diffusion.prediction": ("eps", "x0", "v", "flow"),
+    "model.net": ("unet", "mlp"),
+    "sample.sampler": ("ddim", "ddpm", "euler"),
+    "sample.spacing": ("trailing", "leading", "linspace"),
+}
+POSITIVE = {"train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
+            "train.grid_kimg", "train.checkpoint_kimg", "train.keep_checkpoints", "model.blocks",
+            "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch"}
+PROBABILITY = {"model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta"}
+# Keys a resumed run may change: how long to train, how often to log, how to sample.
+RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.checkpoint_kimg",
+                     "train.keep_checkpoints", "train.threads", "sample.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: list[str] = ()) -> Config:
+    """Defaults <- preset or TOML file <- `key=value` overrides, validated."""
+    if preset and path:
+        raise UserError("give --preset or --config, not both.")
+    table: dict[str, Any] = {}
+    if preset:
+        table = _read_toml(preset_path(preset))
+    elif path:
+        table = _read_toml(Path(path))
+    config = from_dict(table)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"--set {item!r} is not key=value; write e.g. --set train.kimg=50.")
+        set_value(config, key.strip(), parse_value(text.strip()))
+    validate(config)
+    return config
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.toml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        hint = difflib.get_close_matches(name, preset_names(), n=1)
+        also = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise UserError(f"unknown preset '{name}'{also}; choose one of {', '.join(preset_names())}.")
+    return path
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist; give the path of a TOML file.") from None
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path} is not valid TOML ({e}); fix the file.") from None
+
+
+def parse_value(text: str) -> Any:
+    """A TOML value ('50', '1e-4', 'true', '[1, 2]', '"x"'); a bare word is taken as a string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def from_dict(table: dict) -> Config:
+    config = Config()
+    for section, values in table.items():
+        if not isinstance(values, dict):
+            raise UserError(f"config key '{section}' must be a [section]; sections are "
+                            f"{', '.join(_sections())}.")
+        for key, value in values.items():
+            set_value(config, f"{section}.{key}", value)
+    return config
+
+
+def _sections() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s in _sections() for f in dataclasses.fields(getattr(Config(), s))]
+
+
+def set_value(config: Config, key: str, value: Any) -> None:
+    """Set section.name = value, checking the key exists and the value has the field's type."""
+    if key not in all_keys():
+        hint = difflib.get_close_matches(key, all_keys(), n=1)
+        also = f"; did you mean '{hint[0]}'?" if hint else "; see `diffuse train --help` for the keys."
+        raise UserError(f"unknown config key '{key}'{also}")
+    section, name = key.split(".")
+    part = getattr(config, section)
+    setattr(part, name, _coerce(key, get_type_hints(type(part))[name], value))
+
+
+def _coerce(key: str, kind, value):
+    """Check `value` against the annotated type, converting int -> float where a float is wanted."""
+    optional = type(None) in get_args(kind)
+    base = next((a for a in get_args(kind) if a is not type(None)), kind) if optional else kind
+    if value is None and optional:
+        return None
+    if get_origin(base) is list:
+        if not isinstance(value, list) or not all(type(v) is int for v in value):
+            raise UserError(f"{key} must be a list of integers such as [64, 128], not {value!r}.")
+        return list(value)
+    if base is float and type(value) in (int, float):
+        if not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, not {value!r}.")
+        return float(value)
+    if type(value) is base:
+        return value
+    names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
+    raise UserError(f"{key} must be {names.get(base, base.__name__)}, not {value!r}.")
+
+
+def validate(config: Config) -> None:
+    """Range and consistency checks; each failure is one sentence naming the key and the fix."""
+    flat = to_dict(config)
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        if flat[section][name] not in choices:
+            raise UserError(f"{key} = {flat[section][name]!r} is not one of {', '.join(choices)}.")
+    for key in POSITIVE:
+        section, name = key.split(".")
+        if not flat[section][name] > 0:
+            raise UserError(f"{key} must be greater than 0, not {flat[section][name]!r}.")
+    for key in PROBABILITY:
+        section, name = key.split(".")
+        if not 0 <= flat[section][name] <= 1:
+            raise UserError(f"{key} must lie in [0, 1], not {flat[section][name]!r}.")
+    d, m, s = config.diffusion, config.model, config.sample
+    terminal_alpha_zero = d.process == "flow" or d.zero_terminal_snr
+    if d.prediction == "eps" and terminal_alpha_zero:
+        why = "rectified flow" if d.process == "flow" else "zero terminal SNR"
+        raise UserError(f"eps-prediction cannot be used with {why}: at the last step alpha = 0 and "
+                        "x0 = (x_t - sigma * eps) / alpha divides by zero; use prediction v or x0.")
+    if d.prediction == "flow" and d.process != "flow":
+        raise UserError("prediction 'flow' is the rectified-flow velocity; use it with process 'flow'.")
+    if s.sampler == "euler" and d.process != "flow":
+        raise UserError("the euler sampler integrates the rectified-flow ODE; use ddim for process 'vp'.")
+    if (config.data.name == "toy2d") != (m.net == "mlp"):
+        raise UserError("data 'toy2d' goes with model.net 'mlp', and image data with 'unet'.")
+    if m.net == "unet":
+        if not m.channels or min(m.channels) < 8 or any(c % 8 for c in m.channels):
+            raise UserError(f"model.channels {m.channels} must be multiples of 8, at least 8.")
+        if 28 % 2 ** (len(m.channels) - 1):
+            raise UserError(f"model.channels has {len(m.channels)} levels; 28x28 images allow at most 3.")
+        if any(not 0 <= lv < len(m.channels) for lv in m.attn_levels):
+            raise UserError(f"model.attn_levels {m.attn_levels} must name levels 0 to {len(m.channels) - 1}.")
+    if config.train.threads < 0:
+        raise UserError("train.threads must be 0 (torch's default) or a positive count.")
+    if (config.data.mean is None) != (config.data.std is None) or (config.data.std is not None
+                                                                  and config.data.std <= 0):
+        raise UserError("data.mean and data.std go together, with std > 0; leave both unset to fit them.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_toml(config: Config) -> str:
+    """The config as TOML text (unset optional values are left out)."""
+    lines = []
+    for section, values in to_dict(config).items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def resume_conflicts(old: Config, new: Config) -> list[str]:
+    """Keys whose values differ between a run's config and a new one, other than those a resume may change."""
+    a, b = to_dict(old), to_dict(new)
+    return [f"{s}.{k}" for s in a for k in a[s]
+            if a[s][k] != b[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)]
