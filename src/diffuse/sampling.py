@@ -1,0 +1,158 @@
+"""Samplers: pure functions over the denoiser interface, each owning its loop.
+
+Every sampler has the signature `sampler(denoiser, x, times, cond, *, noise) -> x0`: `x` is the
+starting noise (B, ...), `times` the descending list from `process.sampling_times` (its last entry
+is the clean state), `cond` the condition or None, `noise` a callable that returns fresh Gaussian
+noise shaped like its argument. The previous time of each step is the next entry of `times`,
+never recomputed from a stride.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from diffuse.denoiser import append_dims
+from diffuse.errors import UserError
+
+SAMPLERS = ("ddim", "ddpm", "euler")
+Noise = Callable[[torch.Tensor], torch.Tensor]
+
+
+class ImageNoise:
+    """Gaussian noise drawn per image from its own seed.
+
+    An image's noise then does not depend on its batch or on how images are split across ranks:
+    image i of a run is the same whether it is drawn alone or among thousands.
+    """
+
+    def __init__(self, seeds: Sequence[int]):
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, like: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([torch.randn(like.shape[1:], generator=g) for g in self.generators])
+        return z.to(device=like.device, dtype=like.dtype)
+
+
+def _steps(times: Sequence, show: bool):
+    pairs = list(zip(times[:-1], times[1:]))
+    return tqdm(pairs, desc="sampling", leave=False, disable=not show)
+
+
+def _coefficients(process, t) -> tuple[float, float]:
+    """(alpha_t, sigma_t) of one time as Python floats: step coefficients in float64."""
+    alpha, sigma = process.alpha_sigma(torch.tensor([t]))
+    return alpha.item(), sigma.item()
+
+
+@torch.no_grad()
+def ddim(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *, eta: float = 0.0,
+         noise: Noise | None = None, progress: bool = False) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) with stochasticity eta; eta = 0 is the deterministic ODE sampler.
+
+    x_prev = alpha_prev * x0_hat + sqrt(sigma_prev^2 - c^2) * eps_hat + c * z,
+    c = eta * (sigma_prev / sigma_t) * sqrt(1 - alpha_t^2 / alpha_prev^2).
+    """
+    if eta > 0 and noise is None:
+        raise ValueError("ddim with eta > 0 needs a noise source")
+    process = denoiser.process
+    for t, t_prev in _steps(times, progress):
+        x0, eps = denoiser(x, torch.full((len(x),), t, device=x.device), cond)
+        alpha, sigma = _coefficients(process, t)
+        alpha_prev, sigma_prev = _coefficients(process, t_prev)
+        c = eta * sigma_prev / sigma * math.sqrt(max(1 - (alpha / alpha_prev) ** 2, 0.0))
+        x = alpha_prev * x0 + math.sqrt(max(sigma_prev**2 - c**2, 0.0)) * eps
+        if eta > 0 and sigma_prev > 0:
+            x = x + c * noise(x)
+    return x
+
+
+def ddpm(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *,
+         noise: Noise, progress: bool = False) -> torch.Tensor:
+    """DDPM ancestral sampling (Ho et al. 2020, eq. 6-7, variance beta_tilde).
+
+    Drawing x_prev from the posterior q(x_prev | x_t, x0_hat) is DDIM with eta = 1, whose c^2 is
+    beta_tilde = (sigma_prev^2 / sigma_t^2) * (1 - alpha_t^2 / alpha_prev^2), so it is written as that.
+    """
+    return ddim(denoiser, x, times, cond, eta=1.0, noise=noise, progress=progress)
+
+
+@torch.no_grad()
+def euler(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *,
+          noise: Noise | None = None, progress: bool = False) -> torch.Tensor:
+    """Euler steps of the rectified-flow ODE dx/dt = eps - x0 (valid when alpha = 1 - t, sigma = t)."""
+    for t, t_prev in _steps(times, progress):
+        x0, eps = denoiser(x, torch.full((len(x),), t, device=x.device), cond)
+        x = x + (t_prev - t) * (eps - x0)
+    return x
+
+
+def null_condition(cond: torch.Tensor) -> torch.Tensor:
+    """The "no condition" of the same kind: label -1, or a row of NaN for vector conditions."""
+    if cond.dtype.is_floating_point:
+        return torch.full_like(cond, math.nan)
+    return torch.full_like(cond, -1)
+
+
+class Guided(nn.Module):
+    """Classifier-free guidance (Ho & Salimans 2022) with guidance rescale (Lin et al. 2023, sec. 3.4).
+
+    x0_cfg = x0_u + w * (x0_c - x0_u); with rescale phi > 0:
+    x0 = phi * x0_cfg * std(x0_c) / std(x0_cfg) + (1 - phi) * x0_cfg, std per sample.
+
+    The rescale acts on x0_hat. Std matching gives different results in the eps, x0 and v spaces
+    (diffusers rescales whatever the net outputs); x0 is the one space whose std is the image's
+    own, the quantity that large guidance inflates (over-exposure), and it makes the result the
+    same for eps-, v-, x0- and flow-parameterized nets. eps_hat is then recomputed from x_t so the
+    pair stays consistent: x_t = alpha * x0_hat + sigma * eps_hat.
+    """
+
+    def __init__(self, denoiser: nn.Module, scale: float, rescale: float = 0.0):
+        super().__init__()
+        self.denoiser, self.scale, self.rescale = denoiser, scale, rescale
+        self.process = denoiser.process
+
+    def forward(self, x_t, t, cond):
+        x0, eps = self.denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                                torch.cat([cond, null_condition(cond)]))
+        (x0_c, x0_u), (eps_c, eps_u) = x0.chunk(2), eps.chunk(2)
+        x0 = x0_u + self.scale * (x0_c - x0_u)
+        eps = eps_u + self.scale * (eps_c - eps_u)
+        if self.rescale > 0:
+            dims = list(range(1, x_t.ndim))
+            ratio = x0_c.std(dim=dims, keepdim=True) / x0.std(dim=dims, keepdim=True)
+            x0 = self.rescale * x0 * ratio + (1 - self.rescale) * x0
+            alpha, sigma = self.process.alpha_sigma(t)
+            eps = (x_t - append_dims(alpha, x0) * x0) / append_dims(sigma, x0)
+        return x0, eps
+
+
+def sample(denoiser: nn.Module, shape: tuple[int, ...], labels: torch.Tensor, seeds: Sequence[int], *,
+           sampler: str = "ddim", steps: int = 25, spacing: str = "trailing", eta: float = 0.0,
+           cfg: float = 1.0, rescale: float = 0.0, batch: int = 256, progress: bool = False) -> torch.Tensor:
+    """Draw len(seeds) samples in model space, (N, *shape); image i depends on seeds[i] and labels[i] only.
+
+    labels: int64 (N,), -1 for unconditional. Guidance applies where cfg != 1.
+    """
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    device = next(denoiser.parameters()).device
+    model = Guided(denoiser, cfg, rescale) if cfg != 1.0 else denoiser
+    times = denoiser.process.sampling_times(steps, spacing)
+    out = []
+    for start in tqdm(range(0, len(seeds), batch), desc="sampling", disable=not progress):
+        noise = ImageNoise(seeds[start:start + batch])
+        y = labels[start:start + batch].to(device)
+        x = noise(torch.empty((len(y), *shape), device=device))
+        if sampler == "ddim":
+            x = ddim(model, x, times, y, eta=eta, noise=noise)
+        elif sampler == "ddpm":
+            x = ddpm(model, x, times, y, noise=noise)
+        else:
+            x = euler(model, x, times, y)
+        out.append(x.cpu())
+    return torch.cat(out)
