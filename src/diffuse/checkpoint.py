@@ -1,0 +1,157 @@
+"""Atomic, self-describing checkpoints: safetensors for tensors, JSON and TOML for the rest.
+
+    RUN_DIR/checkpoints/step-0000123/
+        model.safetensors  ema.safetensors  optimizer.safetensors
+        state.json     loop state (step, images seen) and the optimizer's non-tensor state
+        config.toml    the resolved config that rebuilds the model: no remembered flags, no pickle
+        manifest.json  SHA-256 and size of every file above; written last
+
+A checkpoint is written under a temporary name and renamed into place, so a reader sees either a
+whole checkpoint or none; one whose manifest does not verify is skipped and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from diffuse.config import Config, _read_toml, from_dict, to_toml
+from diffuse.denoiser import build_denoiser
+from diffuse.errors import UserError
+from diffuse.files import fsync_path, sha256_file
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def save_checkpoint(run_dir: Path, step: int, config: Config, tensors: dict[str, dict[str, torch.Tensor]],
+                    state: dict) -> Path:
+    """Write RUN_DIR/checkpoints/step-NNNNNNN atomically; `tensors` maps file stem -> state dict."""
+    root = Path(run_dir) / CHECKPOINTS
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for stem, sd in tensors.items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / f"{stem}.safetensors")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    (tmp / "config.toml").write_text(to_toml(config))
+    files = sorted(p.name for p in tmp.iterdir())
+    manifest = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    for p in tmp.iterdir():
+        fsync_path(p)
+    if final.exists():  # the same step written again (a re-run that trained nothing new)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_path(root)
+    return final
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint at `path` is whole, else a sentence saying what is wrong."""
+    manifest_path = Path(path) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return f"{manifest_path} is missing or unreadable"
+    for name, entry in manifest.items():
+        file = Path(path) / name
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+            return f"{file} does not match its SHA-256 in the manifest"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, report=print) -> Path | None:
+    """The newest checkpoint of a run that verifies; broken ones are reported and skipped."""
+    root = Path(run_dir) / CHECKPOINTS
+    for path in sorted(root.glob("step-*"), reverse=True):
+        problem = verify(path)
+        if problem is None:
+            return path
+        report(f"skipping checkpoint {path.name}: {problem}")
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[Config, dict[str, dict[str, torch.Tensor]], dict]:
+    """(config, tensors by file stem, state) of a verified checkpoint."""
+    path = Path(path)
+    problem = verify(path)
+    if problem:
+        raise UserError(f"checkpoint {path} is damaged: {problem}; use another checkpoint.")
+    tensors = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
+    state = json.loads((path / "state.json").read_text())
+    return from_dict(_read_toml(path / "config.toml")), tensors, state
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints, and temporary leftovers of killed writers."""
+    root = Path(run_dir) / CHECKPOINTS
+    for path in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".tmp-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A run directory or a checkpoint directory -> the checkpoint to load."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        return path
+    if (path / CHECKPOINTS).is_dir():
+        found = latest_checkpoint(path)
+        if found:
+            return found
+        raise UserError(f"run directory {path} has no whole checkpoint yet; train it first.")
+    raise UserError(f"{path} is neither a run directory nor a checkpoint; give RUN_DIR or "
+                    "RUN_DIR/checkpoints/step-NNNNNNN.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer state: tensors to safetensors, the rest to JSON.
+
+
+def split_optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """torch optimizer state_dict -> (flat tensors 'state.<param>.<name>', JSON-able rest)."""
+    tensors, scalars = {}, {}
+    for index, entries in sd["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    """The inverse of `split_optimizer_state`."""
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in rest["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def load_denoiser(path: Path, weights: str = "ema", device: str | torch.device = "cpu"):
+    """(config, denoiser in eval mode) from a run directory or checkpoint; weights 'ema' or 'model'."""
+    config, tensors, _ = load_checkpoint(resolve_checkpoint(path))
+    denoiser = build_denoiser(config)
+    try:
+        denoiser.net.load_state_dict(tensors[weights])
+    except RuntimeError as e:
+        raise UserError(f"the {weights} weights in {path} do not fit the model its config describes "
+                        f"({str(e).splitlines()[0]}).") from None
+    return config, denoiser.to(device).eval().requires_grad_(False)

@@ -1,0 +1,82 @@
+"""Sample files: `.npz` with images uint8 (N, H, W, C) and labels int64 (N,); PNG grids and scatter plots."""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from diffuse.errors import UserError
+
+
+def save_npz(path: Path, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
+    """Write samples atomically: a temporary name, then rename."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    assert images.dtype == np.uint8 and images.ndim == 4 and labels.dtype == np.int64
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, images=images, labels=labels)
+    tmp.replace(path)
+
+
+def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, H, W, C), labels int64 (N,)) from a samples file, checking its format."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "images" not in f.files:
+                raise UserError(f"{path} has no 'images' array; write samples with `diffuse sample`.")
+            images = f["images"]
+            labels = f["labels"] if "labels" in f.files else np.full(len(images), -1, np.int64)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist; give a samples .npz or a run directory.") from None
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable .npz file ({e}).") from None
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise UserError(f"{path}: 'images' must be uint8 (N, H, W, C), not {images.dtype} {images.shape}.")
+    if labels.shape != (len(images),) or labels.dtype.kind not in "iu":
+        raise UserError(f"{path}: 'labels' must be integers of shape ({len(images)},), not "
+                        f"{labels.dtype} {labels.shape}.")
+    return images, labels.astype(np.int64)
+
+
+def grid(images: np.ndarray, nrow: int, pad: int = 2) -> Image.Image:
+    """uint8 (N, H, W, C) -> one PIL image with `nrow` images per row on a white background."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / nrow)
+    canvas = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, k = divmod(i, nrow)
+        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + k * (w + pad): pad + k * (w + pad) + w] = img
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def save_grid(path: Path, images: np.ndarray, nrow: int, scale: int = 2) -> None:
+    img = grid(np.asarray(images), nrow)
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    _save_png(img, path)
+
+
+def save_scatter(path: Path, points: np.ndarray, labels: np.ndarray, size: int = 400, extent: float = 2.5) -> None:
+    """2-D points in [-extent, extent]^2 as a PNG scatter plot, coloured by label."""
+    img = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(img)
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+               (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+    for (x, y), label in zip(np.asarray(points), np.asarray(labels)):
+        px, py = (x + extent) / (2 * extent) * size, (extent - y) / (2 * extent) * size
+        draw.point((px, py), fill=colours[int(label) % len(colours)] if label >= 0 else (0, 0, 0))
+    _save_png(img, path)
+
+
+def _save_png(img: Image.Image, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    img.save(tmp)
+    tmp.replace(path)

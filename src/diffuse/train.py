@@ -1,0 +1,238 @@
+"""The training loop, readable top to bottom: one step, EMA, logs, sample grids, checkpoints.
+
+Time is counted in images seen (`nimg`), so schedules do not shift with the batch size. All the
+randomness of a step (its batch order, t, eps, condition dropout, dropout masks) is derived from
+(seed, step), so a run stopped and resumed from a checkpoint ends bit-identical to one that
+never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from diffuse.checkpoint import (join_optimizer_state, latest_checkpoint, load_checkpoint, prune_checkpoints,
+                                save_checkpoint, split_optimizer_state)
+from diffuse.config import Config, TrainConfig, _read_toml, from_dict, resume_conflicts, to_toml
+from diffuse.data import Scaling, TrainData, load_train_data
+from diffuse.denoiser import Denoiser, build_denoiser
+from diffuse.ema import ema_beta, update_ema
+from diffuse.errors import UserError
+from diffuse.images import save_grid, save_scatter
+from diffuse.losses import diffusion_loss
+from diffuse.sampling import sample
+from diffuse.seeding import derive_seed
+
+
+def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", progress: bool | None = None,
+          log=print) -> Path:
+    """Train (or resume) the run in `run_dir` until config.train.kimg thousand images; returns the run dir."""
+    run_dir = Path(run_dir)
+    progress = sys.stderr.isatty() if progress is None else progress
+    config = resume_config(run_dir, config)
+    t = config.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    data = load_train_data(config.data.name, scaling_of(config), seed=t.seed)
+    if data.scaling:
+        config.data.mean, config.data.std = data.scaling.mean, data.scaling.std
+    write_config(run_dir, config)
+    log(f"data: {data.describe()}")
+    data.x, data.y = data.x.to(device), data.y.to(device)
+
+    with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
+        torch.manual_seed(derive_seed(t.seed, "init"))
+        denoiser = build_denoiser(config).to(device)
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    nimg = restore(run_dir, denoiser, ema, optimizer, log)
+    log(f"model: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters; "
+        f"{'resuming at' if nimg else 'starting at'} {nimg / 1000:g} kimg of {t.kimg:g}")
+
+    total = round(t.kimg * 1000)
+    metrics = run_dir / "metrics.jsonl"
+    window = Window()
+    bar = tqdm(total=total, initial=min(nimg, total), unit="img", desc="training", disable=not progress)
+    while nimg < total:
+        start = time.perf_counter()
+        step = nimg // t.batch
+        x0, y = batch_at(data, step, t.batch, t.seed)
+        lr = learning_rate(t, nimg)
+        loss, grad_norm = train_step(denoiser, optimizer, x0, y, lr, config, derive_seed(t.seed, "step", step))
+        before, nimg = nimg, nimg + t.batch
+        update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
+        window.add(loss, grad_norm, t.batch, time.perf_counter() - start)
+        bar.update(t.batch)
+        done = nimg >= total
+        if crossed(before, nimg, t.log_kimg) or done:
+            event = {"event": "train", "step": step + 1, "kimg": nimg / 1000, "lr": lr, **window.summary()}
+            append_jsonl(metrics, event)
+            bar.set_postfix(loss=f"{event['loss']:.4f}")
+        if crossed(before, nimg, t.grid_kimg) or done:
+            write_grid(ema, config, data, run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png")
+        if crossed(before, nimg, t.checkpoint_kimg) or done:
+            save(run_dir, step + 1, nimg, config, denoiser, ema, optimizer)
+    bar.close()
+    return run_dir
+
+
+def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.Tensor, y: torch.Tensor,
+               lr: float, config: Config, seed: int) -> tuple[float, float]:
+    """One optimizer step on one batch; returns (loss, gradient norm before clipping)."""
+    denoiser.train()
+    torch.manual_seed(seed)  # dropout draws from the global generator: seed it per step too
+    generator = torch.Generator().manual_seed(seed)
+    y = drop_condition(y, config.model.cond_drop, generator)
+    loss = diffusion_loss(denoiser, x0, y, generator).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clip = config.train.grad_clip if config.train.grad_clip > 0 else math.inf
+    grad_norm = nn.utils.clip_grad_norm_(denoiser.parameters(), clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss.item(), grad_norm.item()
+
+
+def drop_condition(y: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each label by -1 (the learned null condition) with probability p, for CFG."""
+    drop = (torch.rand(len(y), generator=generator) < p).to(y.device)
+    return torch.where(drop, torch.full_like(y, -1), y)
+
+
+def learning_rate(t: TrainConfig, nimg: int) -> float:
+    """Linear warm-up over warmup_kimg, then constant (no dependence on the run's length)."""
+    if t.warmup_kimg <= 0:
+        return t.lr
+    return t.lr * min((nimg + t.batch) / (t.warmup_kimg * 1000), 1.0)
+
+
+def batch_at(data: TrainData, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Examples [step * batch, (step + 1) * batch) of an endless stream of per-epoch permutations."""
+    n = len(data.x)
+    positions = torch.arange(step * batch, (step + 1) * batch)
+    epochs, offsets = positions // n, positions % n
+    index = torch.empty(batch, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        mask = epochs == epoch
+        index[mask] = epoch_permutation(n, seed, epoch)[offsets[mask]]
+    index = index.to(data.x.device)
+    return data.x[index], data.y[index]
+
+
+_PERMUTATIONS: dict[tuple[int, int, int], torch.Tensor] = {}
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the data in one epoch, from (seed, epoch) alone (the current one is cached)."""
+    key = (n, seed, epoch)
+    if key not in _PERMUTATIONS:
+        _PERMUTATIONS.clear()
+        _PERMUTATIONS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
+    return _PERMUTATIONS[key]
+
+
+def crossed(before: int, after: int, every_kimg: float) -> bool:
+    """Whether a multiple of every_kimg thousand images lies in (before, after]."""
+    every = every_kimg * 1000
+    return math.floor(after / every) > math.floor(before / every)
+
+
+class Window:
+    """Loss, gradient norm and training throughput since the last log line (grids and checkpoints excluded)."""
+
+    def __init__(self):
+        self.losses, self.norms, self.images, self.seconds = [], [], 0, 0.0
+
+    def add(self, loss: float, grad_norm: float, images: int, seconds: float):
+        self.losses.append(loss)
+        self.norms.append(grad_norm)
+        self.images += images
+        self.seconds += seconds
+
+    def summary(self) -> dict:
+        out = {"loss": float(np.mean(self.losses)), "grad_norm": float(np.mean(self.norms)),
+               "img_per_s": self.images / max(self.seconds, 1e-9), "train_seconds": self.seconds}
+        self.__init__()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory.
+
+
+def resume_config(run_dir: Path, config: Config) -> Config:
+    """The config to train with: the new one, checked against the run's own if the run exists."""
+    path = run_dir / "config.toml"
+    if not path.is_file():
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir} exists and is not a diffuse run directory; choose a new --out.")
+        return config
+    old = from_dict(_read_toml(path))
+    if config.data.mean is None:
+        config.data.mean, config.data.std = old.data.mean, old.data.std
+    conflicts = resume_conflicts(old, config)
+    if conflicts:
+        raise UserError(f"{run_dir} was trained with other settings ({', '.join(conflicts)} differ); "
+                        "re-run with the same settings to resume, or choose a new --out.")
+    return config
+
+
+def scaling_of(config: Config) -> Scaling | None:
+    if config.data.mean is None:
+        return None
+    return Scaling(config.data.mean, config.data.std)
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.toml.tmp"
+    tmp.write_text(to_toml(config))
+    tmp.replace(run_dir / "config.toml")
+
+
+def append_jsonl(path: Path, event: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Module, ema: nn.Module,
+         optimizer: torch.optim.Optimizer) -> None:
+    opt_tensors, opt_rest = split_optimizer_state(optimizer.state_dict())
+    tensors = {"model": denoiser.net.state_dict(), "ema": ema.net.state_dict(), "optimizer": opt_tensors}
+    save_checkpoint(run_dir, step, config, tensors, {"step": step, "nimg": nimg, "optimizer": opt_rest})
+    prune_checkpoints(run_dir, config.train.keep_checkpoints)
+
+
+def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, log) -> int:
+    """Load the newest whole checkpoint of the run, if any; returns the images seen (0 if none)."""
+    path = latest_checkpoint(run_dir, report=log)
+    if path is None:
+        return 0
+    _, tensors, state = load_checkpoint(path)
+    denoiser.net.load_state_dict(tensors["model"])
+    ema.net.load_state_dict(tensors["ema"])
+    optimizer.load_state_dict(join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+    return state["nimg"]
+
+
+def write_grid(ema: Denoiser, config: Config, data: TrainData, path: Path) -> None:
+    """A fixed-seed picture of what the EMA model samples now: a row per class, or a scatter plot."""
+    s = config.sample
+    if data.scaling is None:  # 2-D points
+        labels = torch.arange(2000) % data.num_classes
+        points = sample(ema, tuple(data.x.shape[1:]), labels, range(2000), **s.sampler_args())
+        save_scatter(path, points.numpy(), labels.numpy())
+        return
+    labels = torch.arange(data.num_classes).repeat_interleave(10)
+    x = sample(ema, tuple(data.x.shape[1:]), labels, range(len(labels)), **s.sampler_args())
+    save_grid(path, data.scaling.decode(x).numpy(), nrow=10)
