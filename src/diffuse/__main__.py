@@ -1,0 +1,5 @@
+import sys
+
+from diffuse.cli import main
+
+sys.exit(main())

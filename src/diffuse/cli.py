@@ -1,0 +1,188 @@
+"""The `diffuse` command: train, sample, eval.
+
+Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffuse.checkpoint import load_denoiser
+from diffuse.config import SampleConfig, load_config
+from diffuse.data import Scaling, data_shape
+from diffuse.errors import UserError
+from diffuse.images import load_npz, save_grid, save_npz, save_scatter
+from diffuse.process import SPACINGS
+from diffuse.sampling import SAMPLERS, sample
+from diffuse.seeding import derive_seed
+from diffuse.train import train
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message}; see `{self.prog} --help`.")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return args.run(args) or 0
+    except UserError as e:
+        print(f"diffuse: {e}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="diffuse", description="Train, sample and measure diffusion models.")
+    sub = parser.add_subparsers(dest="command", parser_class=ArgumentParser)
+
+    p = sub.add_parser("train", help="train a model, or resume the run in --out")
+    p.add_argument("--preset", help="a preset name, e.g. fmnist, fmnist-tiny, toy2d")
+    p.add_argument("--config", help="a TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a run or checkpoint into an .npz")
+    p.add_argument("source", help="RUN_DIR or RUN_DIR/checkpoints/step-NNNNNNN")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    add_sampler_flags(p)
+    p.add_argument("--labels", default="all", help="'all' (cycle through the classes), 'none', or e.g. 0,3,7")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses a seed derived from (seed, i)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema")
+    p.add_argument("--out", required=True, help="samples file, .npz")
+    p.add_argument("--grid", help="also write a PNG grid (or a scatter plot for 2-D data)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_sample)
+
+    p = sub.add_parser("eval", help="FD-FMNIST and class accuracy of a samples file or a run")
+    p.add_argument("source", help="samples .npz, or a RUN_DIR to sample from first")
+    p.add_argument("--n", type=int, help="samples drawn from a run (default: its sample.n_eval)")
+    add_sampler_flags(p)
+    p.add_argument("--features", choices=("fmnist",), default="fmnist")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_eval)
+    return parser
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override the run's [sample] config; unset ones keep it."""
+    p.add_argument("--sampler", choices=SAMPLERS)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--spacing", choices=SPACINGS)
+    p.add_argument("--eta", type=float)
+    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1]")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use cpu, cuda or cuda:N.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_train(args) -> None:
+    config = load_config(args.preset, args.config, args.set)
+    train(config, Path(args.out), device=pick_device(args.device))
+
+
+def cmd_sample(args) -> None:
+    if args.n < 1:
+        raise UserError(f"--n {args.n} must be at least 1.")
+    config, denoiser = load_denoiser(Path(args.source), args.weights, pick_device(args.device))
+    settings = sampler_settings(config.sample, args)
+    shape, num_classes = data_shape(config.data.name)
+    labels = parse_labels(args.labels, args.n, num_classes)
+    x = sample(denoiser, shape, labels, image_seeds(args.seed, args.n), progress=sys.stderr.isatty(), **settings)
+    if config.data.name == "toy2d":
+        points = x.numpy()
+        np.savez(args.out, points=points, labels=labels.numpy())
+        if args.grid:
+            save_scatter(Path(args.grid), points, labels.numpy())
+    else:
+        images = Scaling(config.data.mean, config.data.std).decode(x).numpy()
+        save_npz(Path(args.out), images, labels.numpy())
+        if args.grid:
+            save_grid(Path(args.grid), images[:100], nrow=10)
+    print(f"wrote {args.n} samples to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from diffuse.metrics.fmnist_fd import evaluate_images
+
+    source = Path(args.source)
+    if source.is_dir():
+        config, denoiser = load_denoiser(source, "ema", pick_device(args.device))
+        if config.data.name != "fmnist":
+            raise UserError(f"{source} is a {config.data.name} run; FD-FMNIST needs a Fashion-MNIST run.")
+        n = args.n or config.sample.n_eval
+        labels = parse_labels("all", n, 10)
+        settings = sampler_settings(config.sample, args)
+        x = sample(denoiser, (1, 28, 28), labels, image_seeds(0, n), progress=sys.stderr.isatty(), **settings)
+        images = Scaling(config.data.mean, config.data.std).decode(x).numpy()
+        labels = labels.numpy()
+    else:
+        images, labels = load_npz(source)
+        settings = {}
+    result = {"source": str(source), **evaluate_images(images, labels), **settings}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
+        print(f"FD-FMNIST {result['fd']:.3f} over {result['n']} samples (reference {result['n_ref']} test "
+              f"images); class accuracy {acc}")
+
+
+def sampler_settings(s: SampleConfig, args) -> dict:
+    """The run's sampler settings with the command-line flags that were given on top."""
+    settings = s.sampler_args()
+    for key in ("sampler", "steps", "spacing", "eta", "cfg", "rescale"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    if settings["steps"] < 1:
+        raise UserError(f"--steps {settings['steps']} must be at least 1.")
+    if not 0 <= settings["rescale"] <= 1 or not 0 <= settings["eta"] <= 1:
+        raise UserError("--rescale and --eta must lie in [0, 1].")
+    return settings
+
+
+def parse_labels(text: str, n: int, num_classes: int) -> torch.Tensor:
+    """'all' -> 0, 1, ..., C-1, 0, ...; 'none' -> -1 (unconditional); '3,5' -> 3, 5, 3, 5, ..."""
+    if text == "all":
+        return torch.arange(n) % num_classes
+    if text == "none":
+        return torch.full((n,), -1, dtype=torch.long)
+    try:
+        chosen = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--labels {text!r} is not 'all', 'none' or a comma-separated list of classes.") from None
+    if any(not 0 <= v < num_classes for v in chosen):
+        raise UserError(f"--labels {text!r} names a class outside 0..{num_classes - 1}.")
+    return torch.tensor(chosen, dtype=torch.long).repeat(n // len(chosen) + 1)[:n]
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """The seed of image i of a sampling call: independent of batch size and of the number of ranks."""
+    return [derive_seed(seed, "image", i) for i in range(n)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
