@@ -1,0 +1,144 @@
+"""The main job against a peer, side by side on this machine, with the same wall-clock training budget.
+
+ours: `diffuse train --preset fmnist`, sampled with its preset's 25-step DDIM.
+peer: diffusers' UNet2DModel (block channels 32/64/128, 2 layers per block, attention at the lowest
+      level, 10 class embeddings), linear betas, eps-prediction, AdamW 5e-4, batch 64, EMA 0.9995,
+      data in [-1, 1] as in diffusers' examples, trained for as many seconds as ours took, then
+      sampled with DDIMScheduler at 25 steps (its defaults otherwise).
+Both: N samples with labels i % 10, FD-FMNIST against the 10k test images and class accuracy.
+
+    .venv/bin/python benchmarks/vs_diffusers.py --out runs/bench [--n 5000] [--budget-s SECONDS]
+
+Needs the test extras (diffusers). Prints a Markdown table and writes RESULT.json in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from diffuse.data import load_fmnist
+from diffuse.images import load_npz, save_grid
+from diffuse.metrics.fmnist_fd import evaluate_images
+
+
+def run_ours(out: Path, n: int) -> dict:
+    run = out / "ours"
+    cli = [sys.executable, "-m", "diffuse"]
+    start = time.perf_counter()
+    subprocess.run([*cli, "train", "--preset", "fmnist", "--out", str(run)], check=True)
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    subprocess.run([*cli, "sample", str(run), "--n", str(n), "--out", str(run / "samples.npz"),
+                    "--grid", str(out / "grid-ours.png")], check=True)
+    sample_s = time.perf_counter() - start
+    images, labels = load_npz(run / "samples.npz")
+    params = sum(p.numel() for p in _our_net(run).parameters())
+    return {"train_s": train_s, "sample_s": sample_s, "params": params, **evaluate_images(images, labels)}
+
+
+def _our_net(run: Path):
+    from diffuse.checkpoint import load_denoiser
+
+    return load_denoiser(run)[1].net
+
+
+def peer_unet():
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(sample_size=28, in_channels=1, out_channels=1, block_out_channels=(32, 64, 128),
+                       layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), num_class_embeds=10)
+
+
+def run_peer(out: Path, n: int, budget_s: float, seed: int = 0) -> dict:
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    torch.manual_seed(seed)
+    images, labels = load_fmnist("train")
+    x_all = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # diffusers' examples: [-1, 1]
+    model = peer_unet()
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    train_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    start, nimg = time.perf_counter(), 0
+    while time.perf_counter() - start < budget_s:
+        idx = torch.randint(0, len(x_all), (64,))
+        x0, y = x_all[idx], labels[idx]
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (64,))
+        pred = model(train_sched.add_noise(x0, noise, t), t, class_labels=y).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - 0.9995)
+        nimg += 64
+    train_s = time.perf_counter() - start
+
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    sched.set_timesteps(25)
+    ema.eval()
+    start, out_images = time.perf_counter(), []
+    want = torch.arange(n) % 10
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for s in range(0, n, 64):
+            y = want[s:s + 64]
+            x = torch.randn(len(y), 1, 28, 28, generator=g)
+            for t in sched.timesteps:
+                x = sched.step(ema(x, t, class_labels=y).sample, t, x).prev_sample
+            out_images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+    sample_s = time.perf_counter() - start
+    imgs = torch.cat(out_images).numpy()
+    save_grid(out / "grid-peer.png", imgs[:100], nrow=10)
+    params = sum(p.numel() for p in model.parameters())
+    return {"train_s": train_s, "kimg": nimg / 1000, "sample_s": sample_s, "params": params,
+            **evaluate_images(imgs, want.numpy())}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--n", type=int, default=5000, help="samples per model for FD")
+    parser.add_argument("--budget-s", type=float, help="peer's training seconds (default: what ours took)")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    ours = run_ours(args.out, args.n)
+    ours["kimg"] = json.loads((args.out / "ours" / "metrics.jsonl").read_text().splitlines()[-1])["kimg"]
+    peer = run_peer(args.out, args.n, args.budget_s or ours["train_s"])
+    result = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "ours": ours, "peer": peer,
+              "fd_ratio": ours["fd"] / peer["fd"]}
+    (args.out / "RESULT.json").write_text(json.dumps(result, indent=1))
+    print(f"CPU: {result['cpu']}, torch {result['torch']}, {result['threads']} threads\n")
+    print("| model | params | train s | kimg | FD-FMNIST (n) | class accuracy | sampling s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in (("diffuse fmnist", ours), ("diffusers UNet2DModel", peer)):
+        print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['train_s']:.0f} | {r['kimg']:.1f} | {r['fd']:.2f} ({r['n']}) "
+              f"| {r['accuracy']:.3f} | {r['sample_s']:.0f} |")
+    print(f"\nFD ratio ours / peer: {result['fd_ratio']:.3f}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
