@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/fmnist}
 .venv/bin/diffuse train --preset fmnist --out "$RUN"
-.venv/bin/diffuse sample "$RUN" --n 10000 --out "$RUN/samples.npz" --grid "$RUN/grid.png"
+.venv/bin/diffuse sample "$RUN" --n 5000 --out "$RUN/samples.npz" --grid "$RUN/grid.png"
 .venv/bin/diffuse eval "$RUN/samples.npz" --json | tee "$RUN/eval.json"
 echo "grid: $RUN/grid.png (a row per class); metrics: $RUN/metrics.jsonl"

@@ -17,7 +17,7 @@ from diffuse.checkpoint import load_denoiser
 from diffuse.config import SampleConfig, load_config
 from diffuse.data import Scaling, data_shape
 from diffuse.errors import UserError
-from diffuse.images import load_npz, save_grid, save_npz, save_scatter
+from diffuse.images import load_npz, rows_by_label, save_grid, save_npz, save_scatter
 from diffuse.process import SPACINGS
 from diffuse.sampling import SAMPLERS, sample
 from diffuse.seeding import derive_seed
@@ -121,7 +121,7 @@ def cmd_sample(args) -> None:
         images = Scaling(config.data.mean, config.data.std).decode(x).numpy()
         save_npz(Path(args.out), images, labels.numpy())
         if args.grid:
-            save_grid(Path(args.grid), images[:100], nrow=10)
+            save_grid(Path(args.grid), images[rows_by_label(labels.numpy())], nrow=10)
     print(f"wrote {args.n} samples to {args.out}")
 
 

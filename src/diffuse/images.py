@@ -56,6 +56,18 @@ def grid(images: np.ndarray, nrow: int, pad: int = 2) -> Image.Image:
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
+def rows_by_label(labels: np.ndarray, per_row: int = 10, rows: int = 10) -> np.ndarray:
+    """Indices that lay out a grid with a row per label (ascending): the first `per_row` of each.
+
+    Unconditional samples (all labels -1) and classes with too few samples fall back to the first ones.
+    """
+    if (labels < 0).all():
+        return np.arange(min(len(labels), per_row * rows))
+    picked = [np.flatnonzero(labels == label)[:per_row] for label in np.unique(labels)[:rows]]
+    full = [p for p in picked if len(p) == per_row]
+    return np.concatenate(full) if full else np.arange(min(len(labels), per_row * rows))
+
+
 def save_grid(path: Path, images: np.ndarray, nrow: int, scale: int = 2) -> None:
     img = grid(np.asarray(images), nrow)
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
