@@ -15,7 +15,6 @@ Needs the test extras (diffusers). Prints a Markdown table and writes RESULT.jso
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import subprocess
@@ -61,12 +60,14 @@ def peer_unet():
 
 def run_peer(out: Path, n: int, budget_s: float, seed: int = 0) -> dict:
     from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers.training_utils import EMAModel
 
     torch.manual_seed(seed)
     images, labels = load_fmnist("train")
     x_all = images.permute(0, 3, 1, 2).float() / 127.5 - 1  # diffusers' examples: [-1, 1]
     model = peer_unet()
-    ema = copy.deepcopy(model).requires_grad_(False)
+    # diffusers' own EMA: decay min((1 + step) / (10 + step), 0.9995), so early steps do not keep the init
+    ema = EMAModel(model.parameters(), decay=0.9995)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     train_sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     start, nimg = time.perf_counter(), 0
@@ -80,15 +81,14 @@ def run_peer(out: Path, n: int, budget_s: float, seed: int = 0) -> dict:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - 0.9995)
+        ema.step(model.parameters())
         nimg += 64
     train_s = time.perf_counter() - start
+    ema.copy_to(model.parameters())
 
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     sched.set_timesteps(25)
-    ema.eval()
+    model.eval()
     start, out_images = time.perf_counter(), []
     want = torch.arange(n) % 10
     g = torch.Generator().manual_seed(seed)
@@ -97,13 +97,13 @@ def run_peer(out: Path, n: int, budget_s: float, seed: int = 0) -> dict:
             y = want[s:s + 64]
             x = torch.randn(len(y), 1, 28, 28, generator=g)
             for t in sched.timesteps:
-                x = sched.step(ema(x, t, class_labels=y).sample, t, x).prev_sample
+                x = sched.step(model(x, t, class_labels=y).sample, t, x).prev_sample
             out_images.append(((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
     sample_s = time.perf_counter() - start
     imgs = torch.cat(out_images).numpy()
     save_grid(out / "grid-peer.png", imgs[:100], nrow=10)
     params = sum(p.numel() for p in model.parameters())
-    return {"train_s": train_s, "kimg": nimg / 1000, "sample_s": sample_s, "params": params,
+    return {"train_s": train_s, "kimg": nimg / 1000, "loss": loss.item(), "sample_s": sample_s, "params": params,
             **evaluate_images(imgs, want.numpy())}
 
 
@@ -112,10 +112,15 @@ def main():
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     parser.add_argument("--n", type=int, default=5000, help="samples per model for FD")
     parser.add_argument("--budget-s", type=float, help="peer's training seconds (default: what ours took)")
+    parser.add_argument("--reuse-ours", action="store_true", help="take ours from OUT/ours.json of an earlier run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ours = run_ours(args.out, args.n)
-    ours["kimg"] = json.loads((args.out / "ours" / "metrics.jsonl").read_text().splitlines()[-1])["kimg"]
+    if args.reuse_ours:
+        ours = json.loads((args.out / "ours.json").read_text())
+    else:
+        ours = run_ours(args.out, args.n)
+        ours["kimg"] = json.loads((args.out / "ours" / "metrics.jsonl").read_text().splitlines()[-1])["kimg"]
+        (args.out / "ours.json").write_text(json.dumps(ours, indent=1))
     peer = run_peer(args.out, args.n, args.budget_s or ours["train_s"])
     result = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "ours": ours, "peer": peer,
