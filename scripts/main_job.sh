@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: train the fmnist preset (about 20 minutes on 2 CPU cores), then sample, measure, draw.
+# The main job: train the fmnist preset (about 18 minutes on 2 CPU cores), then sample, measure, draw.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/fmnist}

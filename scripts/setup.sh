@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install diffuse into ./.venv, with Fashion-MNIST from Debian where apt is there.
-# Usage: bash scripts/setup.sh [test]   ("test" adds the test extras: pytest, diffusers, hypothesis)
+# Usage: bash scripts/setup.sh [test]   ("test" adds the test extras: pytest, diffusers, scipy)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null && [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
