@@ -73,3 +73,10 @@ def test_eval_refuses_an_npz_of_the_wrong_format(tmp_path):
     np.savez(bad, images=np.zeros((4, 28, 28), np.float32))
     proc = subprocess.run([sys.executable, "-m", "diffuse", "eval", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "uint8" in proc.stderr
+
+
+def test_eval_of_a_run_directory_samples_it_first(run, capsys):
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n", "10", "--steps", "2", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 10 and result["steps"] == 2 and result["accuracy"] is not None

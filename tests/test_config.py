@@ -2,7 +2,7 @@
 
 import pytest
 
-from diffuse.config import Config, _read_toml, from_dict, load_config, preset_names, to_toml
+from diffuse.config import Config, load_config, preset_names, read_config, to_toml
 from diffuse.errors import UserError
 
 
@@ -12,7 +12,7 @@ def test_presets_load_and_round_trip_through_toml(tmp_path):
         config = load_config(name)
         path = tmp_path / f"{name}.toml"
         path.write_text(to_toml(config))
-        assert from_dict(_read_toml(path)) == config
+        assert read_config(path) == config
 
 
 def test_overrides_are_typed():

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffuse.config import Config, _read_toml, from_dict, to_toml
+from diffuse.config import Config, read_config, to_toml
 from diffuse.denoiser import build_denoiser
 from diffuse.errors import UserError
 from diffuse.files import fsync_path, sha256_file
@@ -91,7 +91,7 @@ def load_checkpoint(path: Path) -> tuple[Config, dict[str, dict[str, torch.Tenso
         raise UserError(f"checkpoint {path} is damaged: {problem}; use another checkpoint.")
     tensors = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
     state = json.loads((path / "state.json").read_text())
-    return from_dict(_read_toml(path / "config.toml")), tensors, state
+    return read_config(path / "config.toml"), tensors, state
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

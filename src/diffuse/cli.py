@@ -18,6 +18,7 @@ from diffuse.config import SampleConfig, load_config
 from diffuse.data import Scaling, data_shape
 from diffuse.errors import UserError
 from diffuse.images import load_npz, rows_by_label, save_grid, save_npz, save_scatter
+from diffuse.metrics.fmnist_fd import evaluate_images
 from diffuse.process import SPACINGS
 from diffuse.sampling import SAMPLERS, sample
 from diffuse.seeding import derive_seed
@@ -107,11 +108,7 @@ def cmd_train(args) -> None:
 def cmd_sample(args) -> None:
     if args.n < 1:
         raise UserError(f"--n {args.n} must be at least 1.")
-    config, denoiser = load_denoiser(Path(args.source), args.weights, pick_device(args.device))
-    settings = sampler_settings(config.sample, args)
-    shape, num_classes = data_shape(config.data.name)
-    labels = parse_labels(args.labels, args.n, num_classes)
-    x = sample(denoiser, shape, labels, image_seeds(args.seed, args.n), progress=sys.stderr.isatty(), **settings)
+    config, x, labels, _ = draw(Path(args.source), args.n, args.labels, args.seed, args.weights, args)
     if config.data.name == "toy2d":
         points = x.numpy()
         np.savez(args.out, points=points, labels=labels.numpy())
@@ -126,17 +123,11 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from diffuse.metrics.fmnist_fd import evaluate_images
-
     source = Path(args.source)
     if source.is_dir():
-        config, denoiser = load_denoiser(source, "ema", pick_device(args.device))
+        config, x, labels, settings = draw(source, args.n, "all", 0, "ema", args)
         if config.data.name != "fmnist":
             raise UserError(f"{source} is a {config.data.name} run; FD-FMNIST needs a Fashion-MNIST run.")
-        n = args.n or config.sample.n_eval
-        labels = parse_labels("all", n, 10)
-        settings = sampler_settings(config.sample, args)
-        x = sample(denoiser, (1, 28, 28), labels, image_seeds(0, n), progress=sys.stderr.isatty(), **settings)
         images = Scaling(config.data.mean, config.data.std).decode(x).numpy()
         labels = labels.numpy()
     else:
@@ -149,6 +140,17 @@ def cmd_eval(args) -> None:
         acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
         print(f"FD-FMNIST {result['fd']:.3f} over {result['n']} samples (reference {result['n_ref']} test "
               f"images); class accuracy {acc}")
+
+
+def draw(source: Path, n: int | None, labels_text: str, seed: int, weights: str, args):
+    """(config, samples in model space, labels, sampler settings) drawn from a run or checkpoint."""
+    config, denoiser = load_denoiser(source, weights, pick_device(args.device))
+    settings = sampler_settings(config.sample, args)
+    n = n or config.sample.n_eval
+    shape, num_classes = data_shape(config.data.name)
+    labels = parse_labels(labels_text, n, num_classes)
+    x = sample(denoiser, shape, labels, image_seeds(seed, n), progress=sys.stderr.isatty(), **settings)
+    return config, x, labels, settings
 
 
 def sampler_settings(s: SampleConfig, args) -> dict:

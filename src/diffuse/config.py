@@ -163,6 +163,13 @@ def parse_value(text: str) -> Any:
         return text
 
 
+def read_config(path: Path) -> Config:
+    """The config stored in a TOML file (a run's or a checkpoint's config.toml), validated."""
+    config = from_dict(_read_toml(Path(path)))
+    validate(config)
+    return config
+
+
 def from_dict(table: dict) -> Config:
     config = Config()
     for section, values in table.items():

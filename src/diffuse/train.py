@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from diffuse.checkpoint import (join_optimizer_state, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                 save_checkpoint, split_optimizer_state)
-from diffuse.config import Config, TrainConfig, _read_toml, from_dict, resume_conflicts, to_toml
+from diffuse.config import Config, TrainConfig, read_config, resume_conflicts, to_toml
 from diffuse.data import Scaling, TrainData, load_train_data
 from diffuse.denoiser import Denoiser, build_denoiser
 from diffuse.ema import ema_beta, update_ema
@@ -129,16 +129,9 @@ def batch_at(data: TrainData, step: int, batch: int, seed: int) -> tuple[torch.T
     return data.x[index], data.y[index]
 
 
-_PERMUTATIONS: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The order of the data in one epoch, from (seed, epoch) alone (the current one is cached)."""
-    key = (n, seed, epoch)
-    if key not in _PERMUTATIONS:
-        _PERMUTATIONS.clear()
-        _PERMUTATIONS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
-    return _PERMUTATIONS[key]
+    """The order of the data in one epoch, from (seed, epoch) alone (about 1 ms for 60k: not cached)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, "epoch", epoch)))
 
 
 def crossed(before: int, after: int, every_kimg: float) -> bool:
@@ -177,7 +170,7 @@ def resume_config(run_dir: Path, config: Config) -> Config:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(f"{run_dir} exists and is not a diffuse run directory; choose a new --out.")
         return config
-    old = from_dict(_read_toml(path))
+    old = read_config(path)
     if config.data.mean is None:
         config.data.mean, config.data.std = old.data.mean, old.data.std
     conflicts = resume_conflicts(old, config)
