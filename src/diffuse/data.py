@@ -133,13 +133,20 @@ def load_fmnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 class TrainData:
     """Scaled training data in memory.
 
-    x: float32 (N, C, H, W) or (N, 2) in model space; y: int64 (N,) class labels.
+    x: float32 (N, C, H, W) or (N, 2) in model space; y: int64 (N,) class labels (what the probe
+    and the class accuracy are measured against); cond: what the model is conditioned on, (N, ...),
+    the labels themselves for class-conditional data.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     num_classes: int
     scaling: Scaling | None  # None for data that is not an image (toy 2-D)
+    cond: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.cond is None:
+            self.cond = self.y
 
     def describe(self) -> str:
         return (f"{len(self.x)} examples of shape {tuple(self.x.shape[1:])}, {self.num_classes} classes; "
@@ -182,3 +189,10 @@ def load_train_data(name: str, scaling: Scaling | None, seed: int = 0) -> TrainD
         x, labels = toy2d(50_000, seed=seed)
         return TrainData(x, labels, 8, None)
     raise UserError(f"unknown data set '{name}'; choose fmnist or toy2d.")
+
+
+def eval_conditions(name: str, scaling: Scaling | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditions (n, ...), class labels (n,)) of n evaluation samples: the classes in turn, 0, 1, ..."""
+    _, num_classes = data_shape(name)
+    labels = torch.arange(n) % num_classes
+    return labels, labels

@@ -29,7 +29,7 @@ from diffuse.ema import ema_beta, update_ema
 from diffuse.errors import UserError
 from diffuse.images import save_grid, save_scatter
 from diffuse.losses import diffusion_loss
-from diffuse.sampling import sample
+from diffuse.sampling import null_condition, sample
 from diffuse.seeding import derive_seed
 
 
@@ -47,7 +47,7 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
         config.data.mean, config.data.std = data.scaling.mean, data.scaling.std
     write_config(run_dir, config)
     log(f"data: {data.describe()}")
-    data.x, data.y = data.x.to(device), data.y.to(device)
+    data.x, data.y, data.cond = data.x.to(device), data.y.to(device), data.cond.to(device)
 
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
         torch.manual_seed(derive_seed(t.seed, "init"))
@@ -65,9 +65,9 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
     while nimg < total:
         start = time.perf_counter()
         step = nimg // t.batch
-        x0, y = batch_at(data, step, t.batch, t.seed)
+        x0, cond, _ = batch_at(data, step, t.batch, t.seed)
         lr = learning_rate(t, nimg)
-        loss, grad_norm = train_step(denoiser, optimizer, x0, y, lr, config, derive_seed(t.seed, "step", step))
+        loss, grad_norm = train_step(denoiser, optimizer, x0, cond, lr, config, derive_seed(t.seed, "step", step))
         before, nimg = nimg, nimg + t.batch
         update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
         window.add(loss, grad_norm, t.batch, time.perf_counter() - start)
@@ -85,14 +85,14 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
     return run_dir
 
 
-def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.Tensor, y: torch.Tensor,
+def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.Tensor, cond: torch.Tensor,
                lr: float, config: Config, seed: int) -> tuple[float, float]:
     """One optimizer step on one batch; returns (loss, gradient norm before clipping)."""
     denoiser.train()
     torch.manual_seed(seed)  # dropout draws from the global generator: seed it per step too
     generator = torch.Generator().manual_seed(seed)
-    y = drop_condition(y, config.model.cond_drop, generator)
-    loss = diffusion_loss(denoiser, x0, y, generator).mean()
+    cond = drop_condition(cond, config.model.cond_drop, generator)
+    loss = diffusion_loss(denoiser, x0, cond, generator).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.train.grad_clip if config.train.grad_clip > 0 else math.inf
@@ -103,10 +103,11 @@ def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.T
     return loss.item(), grad_norm.item()
 
 
-def drop_condition(y: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace each label by -1 (the learned null condition) with probability p, for CFG."""
-    drop = (torch.rand(len(y), generator=generator) < p).to(y.device)
-    return torch.where(drop, torch.full_like(y, -1), y)
+def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Replace each condition by the null condition (label -1, NaN) with probability p, for CFG."""
+    drop = (torch.rand(len(cond), generator=generator) < p).to(cond.device)
+    drop = drop.reshape(-1, *[1] * (cond.ndim - 1))  # (B, 1, ...) against cond (B, ...)
+    return torch.where(drop, null_condition(cond), cond)
 
 
 def learning_rate(t: TrainConfig, nimg: int) -> float:
@@ -116,8 +117,9 @@ def learning_rate(t: TrainConfig, nimg: int) -> float:
     return t.lr * min((nimg + t.batch) / (t.warmup_kimg * 1000), 1.0)
 
 
-def batch_at(data: TrainData, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Examples [step * batch, (step + 1) * batch) of an endless stream of per-epoch permutations."""
+def batch_at(data: TrainData, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x0, cond, labels) of examples [step * batch, (step + 1) * batch) of an endless stream of
+    per-epoch permutations."""
     n = len(data.x)
     positions = torch.arange(step * batch, (step + 1) * batch)
     epochs, offsets = positions // n, positions % n
@@ -126,7 +128,7 @@ def batch_at(data: TrainData, step: int, batch: int, seed: int) -> tuple[torch.T
         mask = epochs == epoch
         index[mask] = epoch_permutation(n, seed, epoch)[offsets[mask]]
     index = index.to(data.x.device)
-    return data.x[index], data.y[index]
+    return data.x[index], data.cond[index], data.y[index]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
