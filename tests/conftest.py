@@ -6,7 +6,7 @@ from diffuse.config import load_config
 def tiny_config(*overrides):
     """fmnist-tiny made smaller still: seconds per run, for tests of the machinery, not of quality."""
     base = ["model.channels=[8, 16]", "model.emb_dim=32", "train.kimg=0.256", "train.batch=16",
-            "train.log_kimg=0.064", "train.grid_kimg=0.256", "train.checkpoint_kimg=0.128", "sample.steps=4"]
+            "train.log_kimg=0.064", "train.grid_kimg=0.256", "train.checkpoint_kimg=0.128", "train.fd_kimg=0", "sample.steps=4"]
     return load_config("fmnist-tiny", overrides=[*base, *overrides])
 
 

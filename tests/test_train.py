@@ -12,7 +12,8 @@ from diffuse.train import train
 
 def weights(run_dir):
     ckpt = latest_checkpoint(run_dir)
-    return {stem: load_file(ckpt / f"{stem}.safetensors") for stem in ("model", "ema", "optimizer")}
+    stems = ("model", "ema", "optimizer", "probe", "probe_optimizer")
+    return {stem: load_file(ckpt / f"{stem}.safetensors") for stem in stems}
 
 
 def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, tiny):
@@ -33,9 +34,13 @@ def test_run_directory_layout(tmp_path, tiny):
     run = train(tiny(), tmp_path / "run", log=lambda *a: None)
     assert (run / "config.toml").is_file()
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [e["kimg"] for e in events] == [0.064, 0.128, 0.192, 0.256]
-    assert all(e["loss"] > 0 for e in events)
+    steps = [e for e in events if e["event"] == "train"]
+    assert [e["kimg"] for e in steps] == [0.064, 0.128, 0.192, 0.256]
+    assert all(e["loss"] > 0 for e in steps)
+    assert [e["kimg"] for e in events if e["event"] == "probe"] == [0.064, 0.128, 0.192, 0.256]
+    assert [e["kimg"] for e in events if e["event"] == "grid"] == [0.256]
     assert list((run / "samples").glob("grid-*.png"))
+    assert "<svg" in (run / "report.html").read_text()
     ckpt = latest_checkpoint(run)
     assert ckpt.name == "step-0000016" and verify(ckpt) is None
     assert not list((run / "checkpoints").glob(".tmp-*"))

@@ -23,6 +23,8 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 @dataclass
 class DataConfig:
     name: str = "fmnist"              # fmnist | toy2d
+    task: str = "class"               # class: condition on the label | superres: on a low-res image
+    factor: int = 4                   # superres: the condition is the image average-pooled factor x factor
     mean: float | None = None         # pixel scaling x = (p / 255 - mean) / std, fitted on the first run
     std: float | None = None
 
@@ -63,6 +65,10 @@ class TrainConfig:
     grid_kimg: float = 20.0           # sample grid every this many kimg
     checkpoint_kimg: float = 20.0     # checkpoint every this many kimg (and at the end)
     keep_checkpoints: int = 3         # newest checkpoints kept
+    probe_kimg: float = 1.0           # a linear-probe step (one batch) every this many kimg; 0 = no probe
+    fd_kimg: float = 0.0              # FD of EMA samples every this many kimg (and at the end); 0 = never
+    fd_n: int = 2000                  # samples per in-training FD
+    fd_steps: int = 10                # sampler steps for the in-training FD (no guidance: it watches the model)
     threads: int = 0                  # torch CPU threads; 0 keeps torch's default
 
 
@@ -93,6 +99,7 @@ class Config:
 
 CHOICES = {
     "data.name": ("fmnist", "toy2d"),
+    "data.task": ("class", "superres"),
     "diffusion.process": ("vp", "flow"),
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v", "flow"),
@@ -100,13 +107,13 @@ CHOICES = {
     "sample.sampler": ("ddim", "ddpm", "euler"),
     "sample.spacing": ("trailing", "leading", "linspace"),
 }
-POSITIVE = {"train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
-            "train.grid_kimg", "train.checkpoint_kimg", "train.keep_checkpoints", "model.blocks",
-            "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch"}
+POSITIVE = {"data.factor", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
+            "train.grid_kimg", "train.checkpoint_kimg", "train.keep_checkpoints", "train.fd_n", "train.fd_steps",
+            "model.blocks", "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch"}
 PROBABILITY = {"model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta"}
-# Keys a resumed run may change: how long to train, how often to log, how to sample.
+# Keys a resumed run may change: how long to train, how often to log, probe and measure, how to sample.
 RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.checkpoint_kimg",
-                     "train.keep_checkpoints", "train.threads", "sample.")
+                     "train.keep_checkpoints", "train.threads", "train.probe_kimg", "train.fd_", "sample.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +252,11 @@ def validate(config: Config) -> None:
         raise UserError("prediction 'flow' is the rectified-flow velocity; use it with process 'flow'.")
     if s.sampler == "euler" and d.process != "flow":
         raise UserError("the euler sampler integrates the rectified-flow ODE; use ddim for process 'vp'.")
+    if config.data.task == "superres" and config.data.name != "fmnist":
+        raise UserError(f"data.task 'superres' needs data.name 'fmnist', not {config.data.name!r}.")
+    if config.data.task == "superres" and (config.data.factor < 2 or 28 % config.data.factor):
+        raise UserError(f"data.factor {config.data.factor} must divide the 28-pixel side and be at least 2 "
+                        "(2, 4, 7, 14 or 28).")
     if (config.data.name == "toy2d") != (m.net == "mlp"):
         raise UserError("data 'toy2d' goes with model.net 'mlp', and image data with 'unet'.")
     if m.net == "unet":
@@ -254,6 +266,10 @@ def validate(config: Config) -> None:
             raise UserError(f"model.channels has {len(m.channels)} levels; 28x28 images allow at most 3.")
         if any(not 0 <= lv < len(m.channels) for lv in m.attn_levels):
             raise UserError(f"model.attn_levels {m.attn_levels} must name levels 0 to {len(m.channels) - 1}.")
+    if config.train.probe_kimg < 0 or config.train.fd_kimg < 0:
+        raise UserError("train.probe_kimg and train.fd_kimg must be 0 (off) or positive.")
+    if config.train.fd_kimg > 0 and config.data.name != "fmnist":
+        raise UserError(f"train.fd_kimg measures FD-FMNIST; set it to 0 for data '{config.data.name}'.")
     if config.train.threads < 0:
         raise UserError("train.threads must be 0 (torch's default) or a positive count.")
     if (config.data.mean is None) != (config.data.std is None) or (config.data.std is not None

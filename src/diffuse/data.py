@@ -17,7 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from diffuse.config import DataConfig
 from diffuse.errors import UserError
 from diffuse.files import sha256_file
 
@@ -179,20 +181,57 @@ def data_shape(name: str) -> tuple[tuple[int, ...], int]:
     return {"fmnist": ((1, 28, 28), 10), "toy2d": ((2,), 8)}[name]
 
 
-def load_train_data(name: str, scaling: Scaling | None, seed: int = 0) -> TrainData:
-    """The training set called `name` ('fmnist' or 'toy2d'), scaled; fits the scaling if None."""
-    if name == "fmnist":
+def condition_shape(data: DataConfig) -> tuple[int, ...] | None:
+    """The shape of one image condition (C, H / factor, W / factor), or None where the condition is a label."""
+    if data.task != "superres":
+        return None
+    channels, height, width = data_shape(data.name)[0]
+    return channels, height // data.factor, width // data.factor
+
+
+def low_res(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, C, H / factor, W / factor): the mean of each factor x factor block.
+
+    The scaling to model space is affine with weights summing to 1 in each block, so pooling
+    commutes with it: low_res(encode(images)) == encode(low_res(images)) up to float rounding.
+    """
+    return F.avg_pool2d(x, factor)
+
+
+def load_train_data(data: DataConfig, scaling: Scaling | None, seed: int = 0) -> TrainData:
+    """The training set a `DataConfig` names, scaled.
+
+    Fits the scaling if None. For the superres task the condition is the low-res image in model
+    space (N, C, H / factor, W / factor); y stays the class labels.
+    """
+    if data.name == "fmnist":
         images, labels = load_fmnist("train")
         scaling = scaling or fit_scaling(images)
-        return TrainData(scaling.encode(images), labels, 10, scaling)
-    if name == "toy2d":
+        x = scaling.encode(images)
+        cond = low_res(x, data.factor) if data.task == "superres" else None
+        return TrainData(x, labels, 10, scaling, cond)
+    if data.name == "toy2d":
         x, labels = toy2d(50_000, seed=seed)
         return TrainData(x, labels, 8, None)
-    raise UserError(f"unknown data set '{name}'; choose fmnist or toy2d.")
+    raise UserError(f"unknown data set '{data.name}'; choose fmnist or toy2d.")
 
 
-def eval_conditions(name: str, scaling: Scaling | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditions (n, ...), class labels (n,)) of n evaluation samples: the classes in turn, 0, 1, ..."""
-    _, num_classes = data_shape(name)
+def eval_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n Fashion-MNIST test images, cycling past 10000: (uint8 (n, 28, 28, 1), labels (n,))."""
+    images, labels = load_fmnist("test")
+    index = torch.arange(n) % len(images)
+    return images[index], labels[index]
+
+
+def eval_conditions(data: DataConfig, scaling: Scaling | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conditions (n, ...), class labels (n,)) of n evaluation samples.
+
+    Class task: the classes in turn, 0, 1, ..., as both. Superres: the low-res versions
+    (n, C, H / factor, W / factor) in model space of the images of `eval_images(n)`, and their labels.
+    """
+    if data.task == "superres":
+        images, labels = eval_images(n)
+        return low_res(scaling.encode(images), data.factor), labels
+    _, num_classes = data_shape(data.name)
     labels = torch.arange(n) % num_classes
     return labels, labels

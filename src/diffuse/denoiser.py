@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffuse.data import data_shape
+from diffuse.data import condition_shape, data_shape
 from diffuse.nets.mlp import MLP
 from diffuse.nets.unet import UNet
 from diffuse.process import Process, RectifiedFlow, VPDiscrete
@@ -92,14 +92,16 @@ def build_process(diffusion) -> Process:
 
 
 def build_denoiser(config) -> Denoiser:
-    """A freshly initialized denoiser for a `Config`; the data set fixes the shape and classes."""
+    """A freshly initialized denoiser for a `Config`; the data set fixes the shape and classes,
+    the task the condition (class labels, or an image through the U-Net's image encoder)."""
     shape, num_classes = data_shape(config.data.name)
+    cond_shape = condition_shape(config.data)
     m = config.model
     if m.net == "mlp":
         net = MLP(dim=shape[0], hidden=m.hidden, depth=m.depth, num_classes=num_classes,
                   emb_dim=m.emb_dim, dropout=m.dropout)
     else:
         net = UNet(in_channels=shape[0], channels=tuple(m.channels), blocks=m.blocks,
-                   attn_levels=tuple(m.attn_levels), num_classes=num_classes, emb_dim=m.emb_dim,
-                   dropout=m.dropout)
+                   attn_levels=tuple(m.attn_levels), num_classes=0 if cond_shape else num_classes,
+                   emb_dim=m.emb_dim, dropout=m.dropout, cond_shape=cond_shape)
     return Denoiser(net, build_process(config.diffusion), config.diffusion.prediction)

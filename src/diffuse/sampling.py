@@ -131,12 +131,14 @@ class Guided(nn.Module):
         return x0, eps
 
 
-def sample(denoiser: nn.Module, shape: tuple[int, ...], labels: torch.Tensor, seeds: Sequence[int], *,
+def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seeds: Sequence[int], *,
            sampler: str = "ddim", steps: int = 25, spacing: str = "trailing", eta: float = 0.0,
            cfg: float = 1.0, rescale: float = 0.0, batch: int = 256, progress: bool = False) -> torch.Tensor:
-    """Draw len(seeds) samples in model space, (N, *shape); image i depends on seeds[i] and labels[i] only.
+    """Draw len(seeds) samples in model space, (N, *shape); image i depends on seeds[i] and cond[i] only.
 
-    labels: int64 (N,), -1 for unconditional. Guidance applies where cfg != 1.
+    cond: one condition per sample along dim 0, (N, ...): class labels int64 (N,) with -1 for
+    unconditional, vectors (N, D), or images (N, C, h, w); NaN marks a missing float condition.
+    Guidance applies where cfg != 1.
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
@@ -146,7 +148,7 @@ def sample(denoiser: nn.Module, shape: tuple[int, ...], labels: torch.Tensor, se
     out = []
     for start in tqdm(range(0, len(seeds), batch), desc="sampling", disable=not progress):
         noise = ImageNoise(seeds[start:start + batch])
-        y = labels[start:start + batch].to(device)
+        y = cond[start:start + batch].to(device)
         x = noise(torch.empty((len(y), *shape), device=device))
         if sampler == "ddim":
             x = ddim(model, x, times, y, eta=eta, noise=noise)

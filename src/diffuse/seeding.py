@@ -9,3 +9,8 @@ def derive_seed(seed: int, *where: object) -> int:
     """A 63-bit seed for `seed` at a place such as ("step", 12) or ("image", 7), well mixed."""
     digest = hashlib.sha256("/".join(map(str, (seed, *where))).encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def image_seeds(seed: int, n: int) -> list[int]:
+    """The seeds of images 0..n-1 of a sampling call: image i's noise does not depend on its batch or rank."""
+    return [derive_seed(seed, "image", i) for i in range(n)]

@@ -23,14 +23,18 @@ from tqdm import tqdm
 from diffuse.checkpoint import (join_optimizer_state, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                 save_checkpoint, split_optimizer_state)
 from diffuse.config import Config, TrainConfig, read_config, resume_conflicts, to_toml
-from diffuse.data import Scaling, TrainData, load_train_data
+from diffuse.data import Scaling, TrainData, eval_conditions, load_fmnist, load_train_data, low_res
 from diffuse.denoiser import Denoiser, build_denoiser
 from diffuse.ema import ema_beta, update_ema
 from diffuse.errors import UserError
 from diffuse.images import save_grid, save_scatter
 from diffuse.losses import diffusion_loss
+from diffuse.metrics.fmnist_fd import evaluate_images
+from diffuse.metrics.probe import Probe, fit_baseline
+from diffuse.metrics.superres import first_of_each_class, panel
+from diffuse.report import write_report
 from diffuse.sampling import null_condition, sample
-from diffuse.seeding import derive_seed
+from diffuse.seeding import derive_seed, image_seeds
 
 
 def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", progress: bool | None = None,
@@ -42,7 +46,7 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
     t = config.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    data = load_train_data(config.data.name, scaling_of(config), seed=t.seed)
+    data = load_train_data(config.data, scaling_of(config), seed=t.seed)
     if data.scaling:
         config.data.mean, config.data.std = data.scaling.mean, data.scaling.std
     write_config(run_dir, config)
@@ -54,7 +58,8 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
         denoiser = build_denoiser(config).to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    nimg = restore(run_dir, denoiser, ema, optimizer, log)
+    probe = start_probe(denoiser, data, t, log) if t.probe_kimg > 0 else None  # before restore: needs the untrained net
+    nimg = restore(run_dir, denoiser, ema, optimizer, probe, log)
     log(f"model: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters; "
         f"{'resuming at' if nimg else 'starting at'} {nimg / 1000:g} kimg of {t.kimg:g}")
 
@@ -65,23 +70,35 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
     while nimg < total:
         start = time.perf_counter()
         step = nimg // t.batch
-        x0, cond, _ = batch_at(data, step, t.batch, t.seed)
+        x0, cond, labels = batch_at(data, step, t.batch, t.seed)
         lr = learning_rate(t, nimg)
         loss, grad_norm = train_step(denoiser, optimizer, x0, cond, lr, config, derive_seed(t.seed, "step", step))
         before, nimg = nimg, nimg + t.batch
         update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
         window.add(loss, grad_norm, t.batch, time.perf_counter() - start)
         bar.update(t.batch)
-        done = nimg >= total
-        if crossed(before, nimg, t.log_kimg) or done:
-            event = {"event": "train", "step": step + 1, "kimg": nimg / 1000, "lr": lr, **window.summary()}
+        if probe and crossed(before, nimg, t.probe_kimg):
+            probe.step(denoiser, x0, cond, labels, derive_seed(t.seed, "probe", step))
+        done, where = nimg >= total, {"step": step + 1, "kimg": nimg / 1000}
+        logged = crossed(before, nimg, t.log_kimg) or done
+        if logged:
+            event = {"event": "train", **where, "lr": lr, **window.summary()}
             append_jsonl(metrics, event)
+            if probe:
+                append_jsonl(metrics, {"event": "probe", **where, **probe.summary()})
             bar.set_postfix(loss=f"{event['loss']:.4f}")
         if crossed(before, nimg, t.grid_kimg) or done:
-            write_grid(ema, config, data, run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png")
+            seconds = timed(write_grid, ema, config, data, run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png")
+            append_jsonl(metrics, {"event": "grid", **where, "seconds": seconds})
+        if t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done):
+            append_jsonl(metrics, {"event": "fd", **where, **training_fd(ema, config, data)})
         if crossed(before, nimg, t.checkpoint_kimg) or done:
-            save(run_dir, step + 1, nimg, config, denoiser, ema, optimizer)
+            save(run_dir, step + 1, nimg, config, denoiser, ema, optimizer, probe)
+        if logged:
+            write_report(run_dir)
     bar.close()
+    if metrics.is_file():
+        log(overhead_line(metrics))
     return run_dir
 
 
@@ -201,14 +218,19 @@ def append_jsonl(path: Path, event: dict) -> None:
 
 
 def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Module, ema: nn.Module,
-         optimizer: torch.optim.Optimizer) -> None:
+         optimizer: torch.optim.Optimizer, probe: Probe | None) -> None:
     opt_tensors, opt_rest = split_optimizer_state(optimizer.state_dict())
     tensors = {"model": denoiser.net.state_dict(), "ema": ema.net.state_dict(), "optimizer": opt_tensors}
-    save_checkpoint(run_dir, step, config, tensors, {"step": step, "nimg": nimg, "optimizer": opt_rest})
+    state = {"step": step, "nimg": nimg, "optimizer": opt_rest}
+    if probe:
+        probe_opt_tensors, state["probe_optimizer"] = split_optimizer_state(probe.optimizer.state_dict())
+        tensors |= {"probe": probe.state_dict(), "probe_optimizer": probe_opt_tensors}
+    save_checkpoint(run_dir, step, config, tensors, state)
     prune_checkpoints(run_dir, config.train.keep_checkpoints)
 
 
-def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, log) -> int:
+def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
+            probe: Probe | None, log) -> int:
     """Load the newest whole checkpoint of the run, if any; returns the images seen (0 if none)."""
     path = latest_checkpoint(run_dir, report=log)
     if path is None:
@@ -217,17 +239,75 @@ def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, optimizer: torch
     denoiser.net.load_state_dict(tensors["model"])
     ema.net.load_state_dict(tensors["ema"])
     optimizer.load_state_dict(join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+    if probe and "probe" in tensors:  # a run started without a probe starts it fresh
+        probe.load_state_dict(tensors["probe"])
+        probe.optimizer.load_state_dict(join_optimizer_state(tensors["probe_optimizer"], state["probe_optimizer"]))
     return state["nimg"]
 
 
+# ---------------------------------------------------------------------------------------------
+# Watching the run: probe, FD, grids. Their cost is logged so it can be bounded.
+
+
+def start_probe(denoiser: Denoiser, data: TrainData, t: TrainConfig, log) -> Probe:
+    """A fresh probe whose baseline is its head fitted to the features of the untrained `denoiser`."""
+    start = time.perf_counter()
+    probe = Probe(denoiser, data.x[:1], data.num_classes)
+    probe.baseline = fit_baseline(denoiser, data.x, data.cond, data.y, data.num_classes, probe.t,
+                                  seed=derive_seed(t.seed, "probe-baseline"))
+    probe.seconds = time.perf_counter() - start  # counted with the first summary
+    log(f"probe: linear head on the bottleneck at t={probe.t}; untrained-net baseline accuracy "
+        f"{probe.baseline:.3f} ({probe.seconds:.1f} s)")
+    return probe
+
+
+def training_fd(ema: Denoiser, config: Config, data: TrainData) -> dict:
+    """FD-FMNIST of fd_n EMA samples: fixed seeds (the same noise each time), fd_steps steps, no guidance."""
+    start = time.perf_counter()
+    t = config.train
+    cond, labels = eval_conditions(config.data, data.scaling, t.fd_n)
+    settings = {**config.sample.sampler_args(), "steps": t.fd_steps, "cfg": 1.0}
+    x = sample(ema, tuple(data.x.shape[1:]), cond, image_seeds(derive_seed(t.seed, "fd"), t.fd_n), **settings)
+    result = evaluate_images(data.scaling.decode(x), labels, device=data.x.device)
+    return {"fd": result["fd"], "accuracy": result["accuracy"], "n": t.fd_n, "steps": t.fd_steps,
+            "seconds": time.perf_counter() - start}
+
+
+def timed(fn, *args) -> float:
+    """Seconds that fn(*args) took."""
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def overhead_line(metrics: Path) -> str:
+    """What the probe, the FD and the grids cost against the training steps, over the whole run."""
+    seconds = {"train": 0.0, "probe": 0.0, "fd": 0.0, "grid": 0.0}
+    for line in metrics.read_text().splitlines():
+        event = json.loads(line)
+        kind = event.get("event")
+        if kind in seconds:
+            seconds[kind] += event["train_seconds" if kind == "train" else "seconds"]
+    train = max(seconds.pop("train"), 1e-9)
+    parts = ", ".join(f"{kind} {value:.1f} s ({100 * value / train:.1f}%)" for kind, value in seconds.items())
+    return f"watching cost against {train:.1f} s of training steps: {parts}"
+
+
 def write_grid(ema: Denoiser, config: Config, data: TrainData, path: Path) -> None:
-    """A fixed-seed picture of what the EMA model samples now: a row per class, or a scatter plot."""
-    s = config.sample
-    if data.scaling is None:  # 2-D points
+    """A fixed-seed picture of what the EMA model samples now: a row per class, or a scatter plot;
+    for super-resolution, rows low-res input / sample / truth for the first test image of each class."""
+    settings, shape = config.sample.sampler_args(), tuple(data.x.shape[1:])
+    if config.data.task == "superres":
+        images, labels = load_fmnist("test")
+        truth = images[first_of_each_class(labels)]  # (10, 28, 28, 1): the same conditions every time
+        cond = low_res(data.scaling.encode(truth), config.data.factor)
+        x = sample(ema, shape, cond, range(len(cond)), **settings)
+        save_grid(path, panel(data.scaling.decode(x).numpy(), truth.numpy(), config.data.factor), nrow=len(truth))
+    elif data.scaling is None:  # 2-D points
         labels = torch.arange(2000) % data.num_classes
-        points = sample(ema, tuple(data.x.shape[1:]), labels, range(2000), **s.sampler_args())
+        points = sample(ema, shape, labels, range(2000), **settings)
         save_scatter(path, points.numpy(), labels.numpy())
-        return
-    labels = torch.arange(data.num_classes).repeat_interleave(10)
-    x = sample(ema, tuple(data.x.shape[1:]), labels, range(len(labels)), **s.sampler_args())
-    save_grid(path, data.scaling.decode(x).numpy(), nrow=10)
+    else:
+        labels = torch.arange(data.num_classes).repeat_interleave(10)
+        x = sample(ema, shape, labels, range(len(labels)), **settings)
+        save_grid(path, data.scaling.decode(x).numpy(), nrow=10)

@@ -6,11 +6,13 @@ against FMNIST_NET_SHA256 before loading, so every install measures with the sam
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors.torch import load_file
+from torch import nn
+from tqdm import tqdm
 
 from diffuse.errors import UserError
 from diffuse.files import sha256_file
@@ -66,7 +68,8 @@ class FmnistNet(nn.Module):
         """
         device = next(self.parameters()).device
         features, logits = [], []
-        for start in range(0, len(images), batch_size):
+        starts = range(0, len(images), batch_size)
+        for start in tqdm(starts, desc="features", leave=False, disable=len(starts) < 4 or not sys.stderr.isatty()):
             batch = images[start:start + batch_size].to(device)
             f, z = self(self.preprocess(batch))
             features.append(f.float())

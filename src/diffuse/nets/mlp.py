@@ -52,6 +52,11 @@ class MLP(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The middle block, whose output (B, hidden) a probe reads."""
+        return self.blocks[len(self.blocks) // 2]
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         t_emb = self.time_mlp(timestep_embedding(t, self.emb_dim).to(x.dtype))
         emb = F.silu(t_emb + self.cond_emb(cond, len(x), t_emb))

@@ -4,6 +4,10 @@ The condition never touches the noisy input: a class label (or a real vector) is
 added to the time embedding, and that sum modulates every residual block through adaptive group
 normalization, h = GN(h) * (1 + scale) + shift. Label -1 (or a NaN row for vectors) selects a
 learned null embedding, the "unconditional" half of classifier-free guidance.
+
+An image condition (a low-res image, for super-resolution) goes through its own encoder
+(`nets.image_encoder`) instead; its feature map at each level's resolution adds a per-pixel
+scale and shift to that adaptive normalization (SPADE). The stem still sees only x_t.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from diffuse.nets.image_encoder import ImageEncoder
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -53,9 +59,13 @@ class ConditionEmbedding(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, adaptive GN from the embedding, SiLU-dropout-conv (zero-initialized), plus skip."""
+    """GN-SiLU-conv, adaptive GN from the embedding, SiLU-dropout-conv (zero-initialized), plus skip.
 
-    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int):
+    With feat_channels > 0 the adaptive GN also takes a per-pixel scale and shift from an image
+    condition's feature map (B, feat_channels, H, W) through a zero-initialized 1x1 conv (SPADE).
+    """
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int, dropout: float, groups: int, feat_channels: int = 0):
         super().__init__()
         self.norm1 = group_norm(c_in, groups)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
@@ -66,10 +76,17 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        if feat_channels:
+            self.spade = nn.Conv2d(feat_channels, 2 * c_out, 1)  # -> per-pixel (scale, shift)
+            nn.init.zeros_(self.spade.weight)  # starts as the plain block: the condition is learned in
+            nn.init.zeros_(self.spade.bias)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, feat: torch.Tensor | None = None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        if feat is not None:
+            pixel_scale, pixel_shift = self.spade(feat).chunk(2, dim=1)  # (B, C, H, W) each
+            scale, shift = scale + pixel_scale, shift + pixel_shift
         h = self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
@@ -87,7 +104,8 @@ class Attention(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None, feat: torch.Tensor | None = None) -> torch.Tensor:
+        """Unconditioned: emb and feat are accepted so a level's layers share one call signature."""
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
         q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # (B, heads, HW, C/heads) each
@@ -96,7 +114,8 @@ class Attention(nn.Module):
 
 
 class UNet(nn.Module):
-    """forward(x (B, C, H, W), t (B,) float, cond (B,) labels or (B, D) vectors or None) -> (B, C, H, W).
+    """forward(x (B, C, H, W), t (B,) float, cond (B,) labels, (B, D) vectors, (B, *cond_shape) images
+    or None) -> (B, C, H, W).
 
     Level l works at resolution H / 2^l with channels[l]; attention at the levels in attn_levels
     and in the middle. H and W must be divisible by 2^(len(channels) - 1).
@@ -114,15 +133,20 @@ class UNet(nn.Module):
         head_dim: int = 64,              # channels per attention head
         dropout: float = 0.0,
         groups: int = 32,                # GroupNorm groups (fewer when a layer has fewer channels)
+        cond_shape: tuple[int, int, int] | None = None,  # (C, h, w) of an image condition; None for none
     ):
         super().__init__()
+        if cond_shape and (num_classes or cond_dim):
+            raise ValueError("a UNet takes one kind of condition: an image, or labels / vectors")
         self.levels = len(channels)
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.cond_emb = ConditionEmbedding(num_classes, cond_dim, emb_dim)
         self.stem = nn.Conv2d(in_channels, channels[0], 3, padding=1)
 
+        feat = [channels[0] if cond_shape else 0] * self.levels  # image-encoder channels per level
+
         def block(c_in, c_out, level):
-            layers = [ResBlock(c_in, c_out, emb_dim, dropout, groups)]
+            layers = [ResBlock(c_in, c_out, emb_dim, dropout, groups, feat[level])]
             if level in attn_levels:
                 layers.append(Attention(c_out, head_dim, groups))
             return nn.ModuleList(layers)
@@ -137,8 +161,9 @@ class UNet(nn.Module):
             if level < self.levels - 1:
                 self.downsample.append(nn.Conv2d(c, c, 3, stride=2, padding=1))
                 skips.append(c)
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout, groups), Attention(c, head_dim, groups),
-                                  ResBlock(c, c, emb_dim, dropout, groups)])
+        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, dropout, groups, feat[-1]),
+                                  Attention(c, head_dim, groups),
+                                  ResBlock(c, c, emb_dim, dropout, groups, feat[-1])])
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(self.levels)):
             for _ in range(blocks + 1):
@@ -151,6 +176,13 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
         self.blocks = blocks
+        # built last, so the rest of the net draws the same initial weights as without it
+        self.cond_encoder = ImageEncoder(cond_shape[0], channels[0], self.levels) if cond_shape else None
+
+    @property
+    def bottleneck(self) -> nn.Module:
+        """The layer whose output (B, C, H/2^(L-1), W/2^(L-1)) is the innermost representation (for probes)."""
+        return self.mid[-1]
 
     def embed(self, t: torch.Tensor, cond: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
         """The per-sample embedding (B, emb_dim) that conditions every block."""
@@ -158,28 +190,31 @@ class UNet(nn.Module):
         return F.silu(t_emb + self.cond_emb(cond, len(t), t_emb))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        emb = self.embed(t, cond, x)
+        if self.cond_encoder is not None:  # an image condition: per-level feature maps, nothing in the embedding
+            emb, feats = self.embed(t, None, x), self.cond_encoder(cond, x)
+        else:
+            emb, feats = self.embed(t, cond, x), [None] * self.levels
         h = self.stem(x)
         hs = [h]
         blocks = iter(self.down)
         for level in range(self.levels):
             for _ in range(self.blocks):
-                h = _run(next(blocks), h, emb)
+                h = _run(next(blocks), h, emb, feats[level])
                 hs.append(h)
             if level < self.levels - 1:
                 h = self.downsample[level](h)
                 hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        h = _run(self.mid, h, emb, feats[-1])
         blocks = iter(self.up)
         for i, level in enumerate(reversed(range(self.levels))):
             for _ in range(self.blocks + 1):
-                h = _run(next(blocks), torch.cat([h, hs.pop()], dim=1), emb)
+                h = _run(next(blocks), torch.cat([h, hs.pop()], dim=1), emb, feats[level])
             if level > 0:
                 h = self.upsample[i](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.out(F.silu(self.out_norm(h)))
 
 
-def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor, feat: torch.Tensor | None) -> torch.Tensor:
     for layer in layers:
-        h = layer(h, emb)
+        h = layer(h, emb, feat)
     return h
