@@ -1,4 +1,4 @@
-"""The `diffuse` command: train, sample, eval.
+"""The `diffuse` command: train, sample, eval, doctor.
 
 Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback.
 """
@@ -8,20 +8,24 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from diffuse.checkpoint import load_denoiser
-from diffuse.config import SampleConfig, load_config
-from diffuse.data import Scaling, data_shape
+from diffuse.config import SampleConfig, load_config, read_config
+from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, doctor_report, format_table, run_doctor, write_doctor_json
+from diffuse.data import Scaling, data_shape, eval_conditions, eval_images
 from diffuse.errors import UserError
 from diffuse.images import load_npz, rows_by_label, save_grid, save_npz, save_scatter
 from diffuse.metrics.fmnist_fd import evaluate_images
+from diffuse.metrics.superres import evaluate_superres, first_of_each_class, panel
 from diffuse.process import SPACINGS
+from diffuse.report import write_report
 from diffuse.sampling import SAMPLERS, sample
-from diffuse.seeding import derive_seed
+from diffuse.seeding import image_seeds
 from diffuse.train import train
 
 
@@ -75,6 +79,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--device", default="auto")
     p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("doctor", help="sanity checks that catch silent training bugs: a pass/fail table")
+    p.add_argument("--preset", help="a preset name, e.g. fmnist, fmnist-tiny, toy2d")
+    p.add_argument("--config", help="a TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--run", dest="run_dir", metavar="RUN_DIR",  # `run` holds the command function
+                   help="check a training run: its config, its EMA weights; writes RUN_DIR/doctor.json")
+    p.add_argument("--steps", type=int, default=EARLY_STEPS,
+                   help="training steps of the early-loss check, whose model the leak check reads without --run")
+    p.add_argument("--json", action="store_true", help="print the doctor.json object instead of the table")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_doctor)
     return parser
 
 
@@ -117,7 +133,11 @@ def cmd_sample(args) -> None:
     else:
         images = Scaling(config.data.mean, config.data.std).decode(x).numpy()
         save_npz(Path(args.out), images, labels.numpy())
-        if args.grid:
+        if args.grid and config.data.task == "superres":  # rows: low-res input, sample, truth
+            truth = eval_images(args.n)[0].numpy()
+            cols = first_of_each_class(labels.numpy())
+            save_grid(Path(args.grid), panel(images[cols], truth[cols], config.data.factor), nrow=len(cols))
+        elif args.grid:
             save_grid(Path(args.grid), images[rows_by_label(labels.numpy())], nrow=10)
     print(f"wrote {args.n} samples to {args.out}")
 
@@ -130,26 +150,46 @@ def cmd_eval(args) -> None:
             raise UserError(f"{source} is a {config.data.name} run; FD-FMNIST needs a Fashion-MNIST run.")
         images = Scaling(config.data.mean, config.data.std).decode(x).numpy()
         labels = labels.numpy()
+        superres = {}  # a super-resolution run also gets its measures and the upsampling baselines'
+        if config.data.task == "superres":
+            truth = eval_images(len(images))[0].numpy()
+            superres = evaluate_superres(images, labels, truth, config.data.factor)
     else:
         images, labels = load_npz(source)
-        settings = {}
-    result = {"source": str(source), **evaluate_images(images, labels), **settings}
+        settings, superres = {}, {}
+    result = {"source": str(source), **evaluate_images(images, labels), **superres, **settings}
     if args.json:
         print(json.dumps(result))
     else:
         acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
         print(f"FD-FMNIST {result['fd']:.3f} over {result['n']} samples (reference {result['n_ref']} test "
               f"images); class accuracy {acc}")
+        if superres:
+            print(f"super-resolution: consistency RMSE {result['consistency']:.4f} (against other images' "
+                  f"inputs {result['consistency_shuffled']:.4f}), PSNR {result['psnr']:.2f} dB")
+            for mode in ("nearest", "bilinear"):
+                print(f"  {mode} upsampling: FD-FMNIST {result[f'{mode}_fd']:.3f}, consistency RMSE "
+                      f"{result[f'{mode}_consistency']:.4f}, PSNR {result[f'{mode}_psnr']:.2f} dB")
 
 
 def draw(source: Path, n: int | None, labels_text: str, seed: int, weights: str, args):
-    """(config, samples in model space, labels, sampler settings) drawn from a run or checkpoint."""
+    """(config, samples in model space, labels, sampler settings) drawn from a run or checkpoint.
+
+    A super-resolution run samples from the low-res versions of the first n test images
+    (`data.eval_conditions`), and its labels are those images' classes.
+    """
     config, denoiser = load_denoiser(source, weights, pick_device(args.device))
     settings = sampler_settings(config.sample, args)
     n = n or config.sample.n_eval
     shape, num_classes = data_shape(config.data.name)
-    labels = parse_labels(labels_text, n, num_classes)
-    x = sample(denoiser, shape, labels, image_seeds(seed, n), progress=sys.stderr.isatty(), **settings)
+    if config.data.task == "superres":  # conditioned on the low-res first n test images; labels: their classes
+        if labels_text != "all":
+            raise UserError(f"--labels {labels_text} does not apply to a super-resolution run, which is "
+                            "conditioned on low-res test images; leave --labels out.")
+        cond, labels = eval_conditions(config.data, Scaling(config.data.mean, config.data.std), n)
+    else:
+        cond = labels = parse_labels(labels_text, n, num_classes)
+    x = sample(denoiser, shape, cond, image_seeds(seed, n), progress=sys.stderr.isatty(), **settings)
     return config, x, labels, settings
 
 
@@ -181,9 +221,35 @@ def parse_labels(text: str, n: int, num_classes: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long).repeat(n // len(chosen) + 1)[:n]
 
 
-def image_seeds(seed: int, n: int) -> list[int]:
-    """The seed of image i of a sampling call: independent of batch size and of the number of ranks."""
-    return [derive_seed(seed, "image", i) for i in range(n)]
+def cmd_doctor(args) -> int:
+    """Run the checks; exit code 1 when one fails (a finding, not a usage error)."""
+    if args.steps < EARLY_WINDOW:
+        raise UserError(f"--steps {args.steps} is too few; the early loss is averaged over the last "
+                        f"{EARLY_WINDOW} steps, so give at least {EARLY_WINDOW}.")
+    run_dir = Path(args.run_dir) if args.run_dir else None
+    if run_dir is not None:
+        if args.preset or args.config or args.set:
+            raise UserError("--run takes the config from the run; leave out --preset, --config and --set.")
+        if not (run_dir / "config.toml").is_file():
+            raise UserError(f"{run_dir} is not a diffuse run directory (no config.toml); give the --out of a "
+                            "training run.")
+        config, label = read_config(run_dir / "config.toml"), str(run_dir)
+    else:
+        config = load_config(args.preset, args.config, args.set)
+        label = " ".join([args.preset or args.config or "defaults", *(f"--set {s}" for s in args.set)])
+    start = time.perf_counter()
+    checks = run_doctor(config, pick_device(args.device), run_dir, args.steps, label, progress=sys.stderr.isatty())
+    if run_dir is not None:
+        write_doctor_json(run_dir / "doctor.json", label, checks)
+        write_report(run_dir)
+    failed = [c.name for c in checks if not c.passed]
+    if args.json:
+        print(json.dumps(doctor_report(label, checks)))
+    else:
+        print(format_table(checks))
+        print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed in {time.perf_counter() - start:.0f} s"
+              + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
