@@ -32,7 +32,7 @@ from diffuse.losses import diffusion_loss
 from diffuse.metrics.fmnist_fd import evaluate_images
 from diffuse.metrics.probe import Probe, fit_baseline
 from diffuse.metrics.superres import first_of_each_class, panel
-from diffuse.report import write_report
+from diffuse.report import read_events, write_report
 from diffuse.sampling import null_condition, sample
 from diffuse.seeding import derive_seed, image_seeds
 
@@ -97,8 +97,7 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
         if logged:
             write_report(run_dir)
     bar.close()
-    if metrics.is_file():
-        log(overhead_line(metrics))
+    log(overhead_line(metrics))
     return run_dir
 
 
@@ -283,8 +282,7 @@ def timed(fn, *args) -> float:
 def overhead_line(metrics: Path) -> str:
     """What the probe, the FD and the grids cost against the training steps, over the whole run."""
     seconds = {"train": 0.0, "probe": 0.0, "fd": 0.0, "grid": 0.0}
-    for line in metrics.read_text().splitlines():
-        event = json.loads(line)
+    for event in read_events(metrics):  # skips a line torn by a killed run
         kind = event.get("event")
         if kind in seconds:
             seconds[kind] += event["train_seconds" if kind == "train" else "seconds"]
