@@ -101,8 +101,9 @@ def test_page_links_every_grid_marks_failures_and_escapes_text(run_dir):
     assert ATTACK not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; more" in page
     assert page.count("<script>") == 1  # only the page's own self-check
     status = re.search(r'<p class="status">(.*?)</p>', page).group(1)
-    assert status.startswith("20 of 20 kimg (100%) · loss inf · FD 20, class accuracy n/a · "
-                             "probe accuracy 80.0% (untrained baseline 50.0%) · 1234 img/s · written ")
+    assert status.startswith("20 of 20 kimg (100%) · loss inf · in-training FD 20 (1000 samples, 10 steps), "
+                             "class accuracy n/a · probe accuracy 80.0% (untrained baseline 50.0%) · 1234 img/s · "
+                             "eval FD 12.5 (10000 samples), class accuracy n/a · written ")
     assert "<tr><th>fd</th><td>12.5</td></tr>" in page
     assert "<pre>[data]\nname = &quot;fmnist&quot;" in page
     assert not (run_dir / "report.html.tmp").exists()

@@ -29,7 +29,7 @@ def write_report(run_dir: Path) -> Path:
     events = by_kind(read_events(run_dir / "metrics.jsonl"))
     config_text = read_text(run_dir / "config.toml")
     body = [f"<h1>{name}</h1>",
-            status_section(events, config_text),
+            status_section(events, config_text, read_json(run_dir / "eval.json")[0]),
             '<p id="self-check">self-check did not run (JavaScript is off)</p>',
             plots_section(events), grids_section(run_dir), doctor_section(run_dir),
             eval_section(run_dir), config_section(config_text)]
@@ -107,8 +107,9 @@ def series(events: list[dict], field: str) -> list[tuple[float, float]]:
 # Sections, top to bottom.
 
 
-def status_section(events: dict[str, list[dict]], config_text: str | None) -> str:
-    """One line: progress, last loss, FD, probe, throughput, and when the page was written."""
+def status_section(events: dict[str, list[dict]], config_text: str | None, evaluation: dict | None) -> str:
+    """One line: progress, last loss, the in-training FD, probe, throughput, the final evaluation if there is
+    one, and when the page was written."""
     try:
         total = number(tomllib.loads(config_text or "").get("train", {}).get("kimg"))
     except (tomllib.TOMLDecodeError, AttributeError):
@@ -120,12 +121,16 @@ def status_section(events: dict[str, list[dict]], config_text: str | None) -> st
     if train:
         parts.append(f"loss {fmt(train.get('loss'), '.4g')}")
     if fd:
-        parts.append(f"FD {fmt(fd.get('fd'), '.4g')}, class accuracy {fmt(fd.get('accuracy'), '.1%', 'n/a')}")
+        parts.append(f"in-training FD {fmt(fd.get('fd'), '.4g')} ({fmt(fd.get('n'), '.0f')} samples, "
+                     f"{fmt(fd.get('steps'), '.0f')} steps), class accuracy {fmt(fd.get('accuracy'), '.1%', 'n/a')}")
     if probe:
         parts.append(f"probe accuracy {fmt(probe.get('accuracy'), '.1%')} "
                      f"(untrained baseline {fmt(probe.get('baseline'), '.1%')})")
     if train:
         parts.append(f"{fmt(train.get('img_per_s'), '.0f')} img/s")
+    if isinstance(evaluation, dict) and "fd" in evaluation:
+        parts.append(f"eval FD {fmt(evaluation.get('fd'), '.4g')} ({fmt(evaluation.get('n'), '.0f')} samples), "
+                     f"class accuracy {fmt(evaluation.get('accuracy'), '.1%', 'n/a')}")
     parts.append("written " + time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     return f'<p class="status">{escape(" · ".join(parts))}</p>'
 
