@@ -2,17 +2,20 @@
 
     RUN_DIR/checkpoints/step-0000123/
         model.safetensors  ema.safetensors  optimizer.safetensors
-        state.json     loop state (step, images seen) and the optimizer's non-tensor state
+        state.json     loop state (step, images seen, the FD measured at this step if any) and the
+                       optimizer's non-tensor state
         config.toml    the resolved config that rebuilds the model: no remembered flags, no pickle
         manifest.json  SHA-256 and size of every file above; written last
 
 A checkpoint is written under a temporary name and renamed into place, so a reader sees either a
-whole checkpoint or none; one whose manifest does not verify is skipped and reported.
+whole checkpoint or none; one whose manifest does not verify is skipped and reported. A run keeps
+its newest `train.keep_checkpoints` checkpoints and the one with the best FD.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +29,7 @@ from diffuse.errors import UserError
 from diffuse.files import fsync_path, sha256_file
 
 CHECKPOINTS = "checkpoints"
+REQUIRED = ("model.safetensors", "ema.safetensors", "state.json", "config.toml")
 
 
 def checkpoint_name(step: int) -> str:
@@ -34,40 +38,64 @@ def checkpoint_name(step: int) -> str:
 
 def save_checkpoint(run_dir: Path, step: int, config: Config, tensors: dict[str, dict[str, torch.Tensor]],
                     state: dict) -> Path:
-    """Write RUN_DIR/checkpoints/step-NNNNNNN atomically; `tensors` maps file stem -> state dict."""
+    """Write RUN_DIR/checkpoints/step-NNNNNNN atomically; `tensors` maps file stem -> state dict.
+
+    A whole checkpoint of the same step is never replaced (training is deterministic, so it holds
+    the same state). A failed write (a full disk, a directory turned read-only) removes its
+    temporary folder and raises a UserError; the checkpoints already there are untouched.
+    """
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(step)
+    if final.is_dir() and verify(final) is None:
+        return final
     tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for stem, sd in tensors.items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / f"{stem}.safetensors")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    (tmp / "config.toml").write_text(to_toml(config))
-    files = sorted(p.name for p in tmp.iterdir())
-    manifest = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    for p in tmp.iterdir():
-        fsync_path(p)
-    if final.exists():  # the same step written again (a re-run that trained nothing new)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    fsync_path(root)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for stem, sd in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in sd.items()}, tmp / f"{stem}.safetensors")
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        (tmp / "config.toml").write_text(to_toml(config))
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        for p in tmp.iterdir():
+            fsync_path(p)
+        if final.exists():  # a damaged checkpoint of this step: set it aside, then drop it once replaced
+            os.rename(final, root / f".tmp-damaged-{checkpoint_name(step)}-{os.getpid()}")
+        os.rename(tmp, final)
+        fsync_path(root)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); free disk space or make "
+                        f"{root} writable, then re-run to resume: the checkpoints already there are intact.") from None
     return final
 
 
 def verify(path: Path) -> str | None:
-    """None if the checkpoint at `path` is whole, else a sentence saying what is wrong."""
+    """None if the checkpoint at `path` is whole, else a sentence saying what is wrong.
+
+    Whole means: a manifest that lists the files of the folder by plain names, each present with
+    its size and SHA-256. A torn write (a kill mid-checkpoint), a flipped byte or a truncated file fails.
+    """
     manifest_path = Path(path) / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError):
         return f"{manifest_path} is missing or unreadable"
+    if not isinstance(manifest, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+            for e in manifest.values()):
+        return f"{manifest_path} is not a diffuse manifest"
     for name, entry in manifest.items():
         file = Path(path) / name
+        if Path(name).name != name or name in ("", ".", ".."):
+            return f"{manifest_path} names a file outside its folder ({name!r})"
         if not file.is_file():
             return f"{file} is missing"
-        if file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"]:
+            return f"{file} has {file.stat().st_size} bytes, not the {entry['bytes']} of the manifest (truncated?)"
+        if sha256_file(file) != entry["sha256"]:
             return f"{file} does not match its SHA-256 in the manifest"
     return None
 
@@ -84,30 +112,62 @@ def latest_checkpoint(run_dir: Path, report=print) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> tuple[Config, dict[str, dict[str, torch.Tensor]], dict]:
-    """(config, tensors by file stem, state) of a verified checkpoint."""
+    """(config, tensors by file stem, state) of a verified checkpoint.
+
+    Tensors come only from safetensors files and state only from JSON: nothing in a checkpoint is
+    executed, so a file from someone else is as safe to load as one's own.
+    """
     path = Path(path)
     problem = verify(path)
     if problem:
         raise UserError(f"checkpoint {path} is damaged: {problem}; use another checkpoint.")
-    tensors = {p.stem: load_file(p) for p in sorted(path.glob("*.safetensors"))}
-    state = json.loads((path / "state.json").read_text())
+    missing = [name for name in REQUIRED if not (path / name).is_file()]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {missing[0]}; it was not written by diffuse train.")
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            tensors[file.stem] = load_file(file)
+        except Exception as e:  # safetensors raises its own error type, or OSError, on a file that is not one
+            raise UserError(f"{file} is not a safetensors file ({str(e).splitlines()[0]}); it is refused, "
+                            "never unpickled.") from None
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except ValueError as e:
+        raise UserError(f"{path / 'state.json'} is not valid JSON ({e}).") from None
+    if not isinstance(state, dict) or not isinstance(state.get("nimg"), int):
+        raise UserError(f"{path / 'state.json'} has no images-seen count; it was not written by diffuse train.")
     return read_config(path / "config.toml"), tensors, state
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints, and temporary leftovers of killed writers."""
+    """Keep the newest `keep` checkpoints and the one with the lowest FD; remove the rest and the
+    temporary leftovers of killed writers."""
     root = Path(run_dir) / CHECKPOINTS
-    for path in sorted(root.glob("step-*"))[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
+    paths = sorted(root.glob("step-*"))
+    scored = [(fd, path) for path in paths if (fd := recorded_fd(path)) is not None]
+    best = min(scored)[1] if scored else None
+    for path in paths[:-keep]:
+        if path != best:
+            shutil.rmtree(path, ignore_errors=True)
     for path in root.glob(".tmp-*"):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def recorded_fd(path: Path) -> float | None:
+    """The FD that training measured at this checkpoint's step (in its state.json), if any."""
+    try:
+        fd = json.loads((path / "state.json").read_text()).get("fd")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fd if isinstance(fd, (int, float)) and math.isfinite(fd) else None
 
 
 def resolve_checkpoint(path: Path) -> Path:
     """A run directory or a checkpoint directory -> the checkpoint to load."""
     path = Path(path)
-    if (path / "manifest.json").is_file():
-        return path
+    if (path / "manifest.json").is_file() or (path.is_dir() and path.name.startswith("step-")):
+        return path  # a checkpoint, whole or not: loading it verifies it
     if (path / CHECKPOINTS).is_dir():
         found = latest_checkpoint(path)
         if found:

@@ -1,12 +1,15 @@
 """The `diffuse` command: train, sample, eval, doctor.
 
-Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback.
+Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback;
+a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -15,10 +18,10 @@ import numpy as np
 import torch
 
 from diffuse.checkpoint import load_denoiser
-from diffuse.config import SampleConfig, load_config, read_config
+from diffuse.config import Config, load_config, read_config, validate
 from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, doctor_report, format_table, run_doctor, write_doctor_json
 from diffuse.data import Scaling, data_shape, eval_conditions, eval_images
-from diffuse.errors import UserError
+from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.images import load_npz, rows_by_label, save_grid, save_npz, save_scatter
 from diffuse.metrics.fmnist_fd import evaluate_images
 from diffuse.metrics.superres import evaluate_superres, first_of_each_class, panel
@@ -42,8 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 2
         return args.run(args) or 0
-    except UserError as e:
+    except (UserError, Diverged, Interrupted) as e:
         print(f"diffuse: {e}", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:  # a full disk or a read-only folder met outside the writes that check for it
+        where = f" {e.filename}" if e.filename else ""
+        print(f"diffuse: could not read or write{where} ({e.strerror or e}); free disk space or fix the "
+              "permissions and re-run: a training run resumes from its newest whole checkpoint.", file=sys.stderr)
         return 2
 
 
@@ -179,7 +187,7 @@ def draw(source: Path, n: int | None, labels_text: str, seed: int, weights: str,
     (`data.eval_conditions`), and its labels are those images' classes.
     """
     config, denoiser = load_denoiser(source, weights, pick_device(args.device))
-    settings = sampler_settings(config.sample, args)
+    settings = sampler_settings(config, args)
     n = n or config.sample.n_eval
     shape, num_classes = data_shape(config.data.name)
     if config.data.task == "superres":  # conditioned on the low-res first n test images; labels: their classes
@@ -193,9 +201,10 @@ def draw(source: Path, n: int | None, labels_text: str, seed: int, weights: str,
     return config, x, labels, settings
 
 
-def sampler_settings(s: SampleConfig, args) -> dict:
-    """The run's sampler settings with the command-line flags that were given on top."""
-    settings = s.sampler_args()
+def sampler_settings(config: Config, args) -> dict:
+    """The run's sampler settings with the command-line flags that were given on top, validated
+    against the run's config (e.g. the euler sampler needs a rectified-flow run)."""
+    settings = config.sample.sampler_args()
     for key in ("sampler", "steps", "spacing", "eta", "cfg", "rescale"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
@@ -203,6 +212,12 @@ def sampler_settings(s: SampleConfig, args) -> dict:
         raise UserError(f"--steps {settings['steps']} must be at least 1.")
     if not 0 <= settings["rescale"] <= 1 or not 0 <= settings["eta"] <= 1:
         raise UserError("--rescale and --eta must lie in [0, 1].")
+    if not 0 <= settings["cfg"] < math.inf:
+        raise UserError(f"--cfg {settings['cfg']} must be a finite guidance scale of 0 or more (1 = none).")
+    flagged = copy.deepcopy(config)
+    for key, value in settings.items():
+        setattr(flagged.sample, key, value)
+    validate(flagged)
     return settings
 
 

@@ -70,11 +70,12 @@ class TrainConfig:
     fd_n: int = 2000                  # samples per in-training FD
     fd_steps: int = 10                # sampler steps for the in-training FD (no guidance: it watches the model)
     threads: int = 0                  # torch CPU threads; 0 keeps torch's default
+    nonfinite: str = "stop"           # a non-finite loss or gradient: stop (exit code 3) | skip the step
 
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"             # ddim | ddpm | euler (flow only)
+    sampler: str = "ddim"             # ddim | ddpm | euler (flow only) | heun (EDM, any process)
     steps: int = 25
     spacing: str = "trailing"         # trailing | leading | linspace
     eta: float = 0.0
@@ -104,16 +105,20 @@ CHOICES = {
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v", "flow"),
     "model.net": ("unet", "mlp"),
-    "sample.sampler": ("ddim", "ddpm", "euler"),
+    "sample.sampler": ("ddim", "ddpm", "euler", "heun"),
     "sample.spacing": ("trailing", "leading", "linspace"),
+    "train.nonfinite": ("stop", "skip"),
 }
 POSITIVE = {"data.factor", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
             "train.grid_kimg", "train.checkpoint_kimg", "train.keep_checkpoints", "train.fd_n", "train.fd_steps",
             "model.blocks", "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch"}
+NONNEGATIVE = {"train.warmup_kimg", "train.weight_decay", "train.grad_clip", "train.seed", "train.threads",
+               "train.probe_kimg", "train.fd_kimg", "sample.cfg"}
 PROBABILITY = {"model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta"}
 # Keys a resumed run may change: how long to train, how often to log, probe and measure, how to sample.
 RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.checkpoint_kimg",
-                     "train.keep_checkpoints", "train.threads", "train.probe_kimg", "train.fd_", "sample.")
+                     "train.keep_checkpoints", "train.threads", "train.probe_kimg", "train.fd_", "train.nonfinite",
+                     "sample.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,8 +177,11 @@ def parse_value(text: str) -> Any:
 
 def read_config(path: Path) -> Config:
     """The config stored in a TOML file (a run's or a checkpoint's config.toml), validated."""
-    config = from_dict(_read_toml(Path(path)))
-    validate(config)
+    try:
+        config = from_dict(_read_toml(Path(path)))
+        validate(config)
+    except UserError as e:
+        raise UserError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     return config
 
 
@@ -238,6 +246,10 @@ def validate(config: Config) -> None:
         section, name = key.split(".")
         if not flat[section][name] > 0:
             raise UserError(f"{key} must be greater than 0, not {flat[section][name]!r}.")
+    for key in NONNEGATIVE:
+        section, name = key.split(".")
+        if not flat[section][name] >= 0:
+            raise UserError(f"{key} must be 0 or more, not {flat[section][name]!r}.")
     for key in PROBABILITY:
         section, name = key.split(".")
         if not 0 <= flat[section][name] <= 1:
@@ -250,6 +262,9 @@ def validate(config: Config) -> None:
                         "x0 = (x_t - sigma * eps) / alpha divides by zero; use prediction v or x0.")
     if d.prediction == "flow" and d.process != "flow":
         raise UserError("prediction 'flow' is the rectified-flow velocity; use it with process 'flow'.")
+    if d.process == "vp" and max(s.steps, config.train.fd_steps) > 1000:
+        raise UserError(f"sample.steps and train.fd_steps must be at most 1000, the steps of process 'vp', "
+                        f"not {max(s.steps, config.train.fd_steps)}.")
     if s.sampler == "euler" and d.process != "flow":
         raise UserError("the euler sampler integrates the rectified-flow ODE; use ddim for process 'vp'.")
     if config.data.task == "superres" and config.data.name != "fmnist":
@@ -266,12 +281,8 @@ def validate(config: Config) -> None:
             raise UserError(f"model.channels has {len(m.channels)} levels; 28x28 images allow at most 3.")
         if any(not 0 <= lv < len(m.channels) for lv in m.attn_levels):
             raise UserError(f"model.attn_levels {m.attn_levels} must name levels 0 to {len(m.channels) - 1}.")
-    if config.train.probe_kimg < 0 or config.train.fd_kimg < 0:
-        raise UserError("train.probe_kimg and train.fd_kimg must be 0 (off) or positive.")
     if config.train.fd_kimg > 0 and config.data.name != "fmnist":
         raise UserError(f"train.fd_kimg measures FD-FMNIST; set it to 0 for data '{config.data.name}'.")
-    if config.train.threads < 0:
-        raise UserError("train.threads must be 0 (torch's default) or a positive count.")
     if (config.data.mean is None) != (config.data.std is None) or (config.data.std is not None
                                                                   and config.data.std <= 0):
         raise UserError("data.mean and data.std go together, with std > 0; leave both unset to fit them.")

@@ -106,8 +106,12 @@ def _download_checked(url: str, path: Path, sha256: str) -> None:
 def read_idx(path: Path) -> np.ndarray:
     """An IDX file (optionally gzipped) as a numpy array: magic 0x0000 08 nd, then nd big-endian sizes."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile and a truncated stream among them
+        raise UserError(f"{path} cannot be read as {'a gzipped ' if path.suffix == '.gz' else 'an '}IDX file "
+                        f"({e}); point DIFFUSE_FMNIST_DIR at the four Fashion-MNIST .gz files.") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise UserError(f"{path} is not an unsigned-byte IDX file.")
     ndim = data[3]
@@ -124,6 +128,12 @@ def load_fmnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     folder = fmnist_dir()
     images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
     labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise UserError(f"{folder / f'{prefix}-images-idx3-ubyte.gz'} holds images of shape {images.shape[1:]}, "
+                        "not the 28x28 grey images of Fashion-MNIST; point DIFFUSE_FMNIST_DIR at the real files.")
+    if labels.shape != (len(images),) or labels.max(initial=0) > 9:
+        raise UserError(f"{folder / f'{prefix}-labels-idx1-ubyte.gz'} does not hold one label 0-9 per image; "
+                        "point DIFFUSE_FMNIST_DIR at the real files.")
     return torch.from_numpy(images.copy()).unsqueeze(-1), torch.from_numpy(labels.astype(np.int64))
 
 

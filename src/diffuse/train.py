@@ -4,6 +4,11 @@ Time is counted in images seen (`nimg`), so schedules do not shift with the batc
 randomness of a step (its batch order, t, eps, condition dropout, dropout masks) is derived from
 (seed, step), so a run stopped and resumed from a checkpoint ends bit-identical to one that
 never stopped.
+
+Faults end cleanly. SIGTERM or SIGINT lets the step in flight finish, writes a checkpoint and
+raises `Interrupted`; a SIGKILL leaves at worst a torn checkpoint, which the next start skips.
+A non-finite loss or gradient never reaches the weights: the step is skipped, or training stops
+with `Diverged` (train.nonfinite), and a checkpoint is never written from non-finite weights.
 """
 
 from __future__ import annotations
@@ -11,8 +16,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +34,7 @@ from diffuse.config import Config, TrainConfig, read_config, resume_conflicts, t
 from diffuse.data import Scaling, TrainData, eval_conditions, load_fmnist, load_train_data, low_res
 from diffuse.denoiser import Denoiser, build_denoiser
 from diffuse.ema import ema_beta, update_ema
-from diffuse.errors import UserError
+from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.images import save_grid, save_scatter
 from diffuse.losses import diffusion_loss
 from diffuse.metrics.fmnist_fd import evaluate_images
@@ -65,37 +73,49 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
 
     total = round(t.kimg * 1000)
     metrics = run_dir / "metrics.jsonl"
+    trim_events(metrics, nimg)  # a run killed after its last checkpoint logged steps it will now redo
     window = Window()
     bar = tqdm(total=total, initial=min(nimg, total), unit="img", desc="training", disable=not progress)
-    while nimg < total:
-        start = time.perf_counter()
-        step = nimg // t.batch
-        x0, cond, labels = batch_at(data, step, t.batch, t.seed)
-        lr = learning_rate(t, nimg)
-        loss, grad_norm = train_step(denoiser, optimizer, x0, cond, lr, config, derive_seed(t.seed, "step", step))
-        before, nimg = nimg, nimg + t.batch
-        update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
-        window.add(loss, grad_norm, t.batch, time.perf_counter() - start)
-        bar.update(t.batch)
-        if probe and crossed(before, nimg, t.probe_kimg):
-            probe.step(denoiser, x0, cond, labels, derive_seed(t.seed, "probe", step))
-        done, where = nimg >= total, {"step": step + 1, "kimg": nimg / 1000}
-        logged = crossed(before, nimg, t.log_kimg) or done
-        if logged:
-            event = {"event": "train", **where, "lr": lr, **window.summary()}
-            append_jsonl(metrics, event)
-            if probe:
-                append_jsonl(metrics, {"event": "probe", **where, **probe.summary()})
-            bar.set_postfix(loss=f"{event['loss']:.4f}")
-        if crossed(before, nimg, t.grid_kimg) or done:
-            seconds = timed(write_grid, ema, config, data, run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png")
-            append_jsonl(metrics, {"event": "grid", **where, "seconds": seconds})
-        if t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done):
-            append_jsonl(metrics, {"event": "fd", **where, **training_fd(ema, config, data)})
-        if crossed(before, nimg, t.checkpoint_kimg) or done:
-            save(run_dir, step + 1, nimg, config, denoiser, ema, optimizer, probe)
-        if logged:
-            write_report(run_dir)
+    with stop_requests() as stop:
+        while nimg < total:
+            start = time.perf_counter()
+            step = nimg // t.batch
+            x0, cond, labels = batch_at(data, step, t.batch, t.seed)
+            lr = learning_rate(t, nimg)
+            loss, grad_norm = train_step(denoiser, optimizer, x0, cond, lr, config, derive_seed(t.seed, "step", step))
+            before, nimg = nimg, nimg + t.batch
+            where = {"step": step + 1, "kimg": nimg / 1000}
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
+                window.add(loss, grad_norm, t.batch, time.perf_counter() - start)
+            else:
+                handle_nonfinite(t.nonfinite, step, loss, grad_norm, run_dir, metrics, where, log)
+            bar.update(t.batch)
+            if probe and crossed(before, nimg, t.probe_kimg):
+                probe.step(denoiser, x0, cond, labels, derive_seed(t.seed, "probe", step))
+            done = nimg >= total
+            logged = crossed(before, nimg, t.log_kimg) or done
+            if logged:
+                event = {"event": "train", **where, "lr": lr, **window.summary()}
+                append_jsonl(metrics, event)
+                if probe:
+                    append_jsonl(metrics, {"event": "probe", **where, **probe.summary()})
+                bar.set_postfix(loss=f"{event['loss']:.4f}")
+            if crossed(before, nimg, t.grid_kimg) or done:
+                seconds = timed(write_grid, ema, config, data, run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png")
+                append_jsonl(metrics, {"event": "grid", **where, "seconds": seconds})
+            fd = None
+            if t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done):
+                fd = training_fd(ema, config, data)
+                append_jsonl(metrics, {"event": "fd", **where, **fd})
+            if crossed(before, nimg, t.checkpoint_kimg) or done or fd or stop.requested:
+                save(run_dir, step + 1, nimg, config, denoiser, ema, optimizer, probe, fd and fd["fd"])
+            if logged:
+                write_report(run_dir)
+            if stop.requested and not done:
+                bar.close()
+                raise Interrupted(f"{stop.requested} at {nimg / 1000:g} kimg: wrote a checkpoint; re-run the "
+                                  "same command to resume.")
     bar.close()
     log(overhead_line(metrics))
     return run_dir
@@ -103,7 +123,10 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
 
 def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.Tensor, cond: torch.Tensor,
                lr: float, config: Config, seed: int) -> tuple[float, float]:
-    """One optimizer step on one batch; returns (loss, gradient norm before clipping)."""
+    """One optimizer step on one batch; returns (loss, gradient norm before clipping).
+
+    A non-finite loss or gradient norm skips the optimizer step, so the weights stay as they were.
+    """
     denoiser.train()
     torch.manual_seed(seed)  # dropout draws from the global generator: seed it per step too
     generator = torch.Generator().manual_seed(seed)
@@ -113,10 +136,57 @@ def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.T
     loss.backward()
     clip = config.train.grad_clip if config.train.grad_clip > 0 else math.inf
     grad_norm = nn.utils.clip_grad_norm_(denoiser.parameters(), clip)
+    loss, grad_norm = loss.item(), grad_norm.item()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    return loss.item(), grad_norm.item()
+    return loss, grad_norm
+
+
+def handle_nonfinite(policy: str, step: int, loss: float, grad_norm: float, run_dir: Path, metrics: Path,
+                     where: dict, log) -> None:
+    """A step whose loss or gradient was not finite (its update was skipped): log it, or stop."""
+    what = f"step {step + 1} had loss {loss} and gradient norm {grad_norm}"
+    if policy == "stop":
+        newest = latest_checkpoint(run_dir, report=lambda *_: None)
+        kept = f"the newest checkpoint, {newest.name}, holds the last good state" if newest else "no checkpoint was written"
+        raise Diverged(f"{what}; training stopped ({kept}); lower train.lr or set train.nonfinite = \"skip\".")
+    append_jsonl(metrics, {"event": "nonfinite", **where, "loss": loss, "grad_norm": grad_norm})
+    log(f"{what}; skipped it (train.nonfinite = \"skip\")")
+
+
+class StopRequest:
+    """Set by SIGTERM or SIGINT: the name of the signal, or None."""
+
+    requested: str | None = None
+
+
+@contextmanager
+def stop_requests():
+    """Turn SIGTERM and SIGINT into a request that the loop answers after its current step.
+
+    A second signal of either kind stops at once (KeyboardInterrupt). Handlers are installed only
+    in the main thread (Python allows no other) and restored on exit.
+    """
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request(signum, frame):
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.requested = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -171,7 +241,9 @@ class Window:
         self.seconds += seconds
 
     def summary(self) -> dict:
-        out = {"loss": float(np.mean(self.losses)), "grad_norm": float(np.mean(self.norms)),
+        """Means over the window; NaN where every step in it was skipped as non-finite."""
+        mean = lambda values: float(np.mean(values)) if values else math.nan  # noqa: E731
+        out = {"loss": mean(self.losses), "grad_norm": mean(self.norms),
                "img_per_s": self.images / max(self.seconds, 1e-9), "train_seconds": self.seconds}
         self.__init__()
         return out
@@ -205,10 +277,14 @@ def scaling_of(config: Config) -> Scaling | None:
 
 
 def write_config(run_dir: Path, config: Config) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.toml.tmp"
-    tmp.write_text(to_toml(config))
-    tmp.replace(run_dir / "config.toml")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / "config.toml.tmp"
+        tmp.write_text(to_toml(config))
+        tmp.replace(run_dir / "config.toml")
+    except OSError as e:
+        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose a writable "
+                        "--out with free space.") from None
 
 
 def append_jsonl(path: Path, event: dict) -> None:
@@ -216,11 +292,39 @@ def append_jsonl(path: Path, event: dict) -> None:
         f.write(json.dumps(event) + "\n")
 
 
+def trim_events(path: Path, nimg: int) -> None:
+    """Drop the events logged after `nimg` images (and a torn last line), rewriting the file atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if event_kimg(line) is not None and event_kimg(line) <= nimg / 1000]
+    if len(kept) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+
+
+def event_kimg(line: str) -> float | None:
+    try:
+        kimg = json.loads(line).get("kimg")
+    except (ValueError, AttributeError):
+        return None
+    return kimg if isinstance(kimg, (int, float)) else None
+
+
 def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Module, ema: nn.Module,
-         optimizer: torch.optim.Optimizer, probe: Probe | None) -> None:
+         optimizer: torch.optim.Optimizer, probe: Probe | None, fd: float | None = None) -> None:
+    """Checkpoint the run (with the FD measured at this step, if any) and prune old checkpoints.
+
+    Weights that are not finite are never written: the newest checkpoint stays the last good state.
+    """
+    for name, module in (("model", denoiser), ("EMA", ema)):
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise Diverged(f"the {name} weights at step {step} are not finite; no checkpoint was written, so the "
+                           "newest one holds the last good state; lower train.lr.")
     opt_tensors, opt_rest = split_optimizer_state(optimizer.state_dict())
     tensors = {"model": denoiser.net.state_dict(), "ema": ema.net.state_dict(), "optimizer": opt_tensors}
-    state = {"step": step, "nimg": nimg, "optimizer": opt_rest}
+    state = {"step": step, "nimg": nimg, "optimizer": opt_rest} | ({"fd": fd} if fd is not None else {})
     if probe:
         probe_opt_tensors, state["probe_optimizer"] = split_optimizer_state(probe.optimizer.state_dict())
         tensors |= {"probe": probe.state_dict(), "probe_optimizer": probe_opt_tensors}
@@ -230,17 +334,29 @@ def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Modul
 
 def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
             probe: Probe | None, log) -> int:
-    """Load the newest whole checkpoint of the run, if any; returns the images seen (0 if none)."""
+    """Load the newest whole checkpoint of the run, if any; returns the images seen (0 if none).
+
+    A checkpoint whose config differs from the run's, or whose tensors do not fit the model, is
+    refused with a sentence naming it: it belongs to another run.
+    """
     path = latest_checkpoint(run_dir, report=log)
     if path is None:
         return 0
-    _, tensors, state = load_checkpoint(path)
-    denoiser.net.load_state_dict(tensors["model"])
-    ema.net.load_state_dict(tensors["ema"])
-    optimizer.load_state_dict(join_optimizer_state(tensors["optimizer"], state["optimizer"]))
-    if probe and "probe" in tensors:  # a run started without a probe starts it fresh
-        probe.load_state_dict(tensors["probe"])
-        probe.optimizer.load_state_dict(join_optimizer_state(tensors["probe_optimizer"], state["probe_optimizer"]))
+    saved, tensors, state = load_checkpoint(path)
+    conflicts = resume_conflicts(saved, read_config(run_dir / "config.toml"))
+    if conflicts:
+        raise UserError(f"checkpoint {path} was written with other settings than {run_dir / 'config.toml'} "
+                        f"({', '.join(conflicts)} differ); it belongs to another run: move it away.")
+    try:
+        denoiser.net.load_state_dict(tensors["model"])
+        ema.net.load_state_dict(tensors["ema"])
+        optimizer.load_state_dict(join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+        if probe and "probe" in tensors:  # a run started without a probe starts it fresh
+            probe.load_state_dict(tensors["probe"])
+            probe.optimizer.load_state_dict(join_optimizer_state(tensors["probe_optimizer"], state["probe_optimizer"]))
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path} does not fit the model its config describes "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); move it away.") from None
     return state["nimg"]
 
 

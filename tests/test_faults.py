@@ -1,0 +1,246 @@
+"""Faults during training: SIGKILL at any moment, SIGTERM/SIGINT, a non-finite loss, a full disk.
+
+Each ends cleanly and loses nothing: the run resumes from a checkpoint whose manifest verifies and
+ends bit-identical to a run that was never disturbed.
+"""
+
+import errno
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import diffuse.checkpoint
+import diffuse.train
+from diffuse.checkpoint import latest_checkpoint, verify
+from diffuse.cli import main
+from diffuse.errors import Diverged
+from diffuse.train import train
+
+# A toy run of 80 steps in about 2 s of training, with a checkpoint every 4 steps, two kept.
+IN_PROCESS = ["--set", "train.threads=0"]  # leave this test process's thread count alone
+TOY = ["--preset", "toy2d", "--set", "train.kimg=40.96", "--set", "train.checkpoint_kimg=2.048",
+       "--set", "train.keep_checkpoints=2", "--set", "train.log_kimg=1.024", "--set", "train.grid_kimg=40.96",
+       "--set", "train.probe_kimg=0", "--set", "train.threads=1", "--set", "sample.steps=4"]
+
+# Runs `diffuse` with one checkpoint-writing function replaced by one that SIGKILLs the process at
+# its N-th call: argv = FUNCTION N diffuse-arguments...
+KILL_AT_CALL = """
+import os, signal, sys
+import diffuse.checkpoint as checkpoint
+name, count = sys.argv[1], int(sys.argv[2])
+owner = checkpoint.os if name == "rename" else checkpoint.shutil if name == "rmtree" else checkpoint
+original, calls = getattr(owner, name), [0]
+def wrapped(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == count:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(*args, **kwargs)
+setattr(owner, name, wrapped)
+from diffuse.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def diffuse_cmd(*args) -> list[str]:
+    return [sys.executable, "-u", "-m", "diffuse", *args]
+
+
+def weights(run: Path) -> dict:
+    newest = latest_checkpoint(run, report=lambda *_: None)
+    return {stem: load_file(newest / f"{stem}.safetensors") for stem in ("model", "ema", "optimizer")}
+
+
+def assert_bit_identical(a: dict, b: dict):
+    for stem in a:
+        assert a[stem].keys() == b[stem].keys()
+        for key in a[stem]:
+            assert torch.equal(a[stem][key], b[stem][key]), f"{stem}.{key} differs"
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The toy run trained without interruption, in a subprocess like the runs it is compared with."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(diffuse_cmd("train", *TOY, "--out", str(run)), check=True, capture_output=True)
+    return run
+
+
+def resumed_from(output: str) -> float | None:
+    """The kimg a (re)started run reports that it starts at; None if it was killed before it said."""
+    line = next((line for line in output.splitlines() if line.startswith("model:")), None)
+    return None if line is None else float(line.split(" at ")[1].split(" kimg")[0])
+
+
+def newest_whole(run: Path) -> float:
+    """The images seen (kimg) of the newest checkpoint that verifies, found independently of train."""
+    for path in sorted((run / "checkpoints").glob("step-*"), reverse=True) if (run / "checkpoints").is_dir() else []:
+        if verify(path) is None:
+            return json.loads((path / "state.json").read_text())["nimg"] / 1000
+    return 0.0
+
+
+def test_sigkill_at_many_moments_always_resumes_from_a_verified_checkpoint(straight, tmp_path):
+    """22 kills: 12 inside the checkpoint write (before each file, in the manifest hashing, at the fsyncs,
+    the rename and the pruning) and 10 at random moments; every restart resumes from the newest checkpoint
+    that verifies, and the run ends bit-identical to the straight one."""
+    run, driver = tmp_path / "run", tmp_path / "kill_at_call.py"
+    driver.write_text(KILL_AT_CALL)
+    rng = random.Random(0)
+    targeted = [("save_file", 1), ("save_file", 2), ("save_file", 6), ("sha256_file", 3), ("sha256_file", 13),
+                ("fsync_path", 4), ("fsync_path", 7), ("fsync_path", 15), ("rename", 1), ("rename", 3),
+                ("rmtree", 2), ("rmtree", 5)]
+    kills, torn_seen = 0, 0
+    for name, count in targeted:
+        expected = newest_whole(run)
+        proc = subprocess.run([sys.executable, "-u", str(driver), name, str(count), "train", *TOY, "--out", str(run)],
+                              capture_output=True, text=True)
+        assert proc.returncode == -signal.SIGKILL, (name, count, proc.stdout, proc.stderr)
+        assert resumed_from(proc.stdout) in (None, pytest.approx(expected))  # None: killed while verifying
+        torn_seen += "skipping checkpoint" in proc.stdout
+        kills += 1
+    for _ in range(10):
+        expected = newest_whole(run)
+        proc = subprocess.Popen(diffuse_cmd("train", *TOY, "--out", str(run)), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        output = []
+        for line in proc.stdout:  # wait until training starts, then kill at a random moment of it
+            output.append(line)
+            if line.startswith("model:"):
+                break
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.kill()
+        output += proc.stdout.readlines()
+        proc.wait()
+        assert resumed_from("".join(output)) == pytest.approx(expected)
+        kills += proc.returncode == -signal.SIGKILL
+    assert kills >= 20
+    proc = subprocess.run(diffuse_cmd("train", *TOY, "--out", str(run)), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert_bit_identical(weights(run), weights(straight))
+    kimgs = [e["kimg"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if e["event"] == "train"]
+    assert kimgs == sorted(set(kimgs)) and len(kimgs) == 40  # every log line once: redone steps were trimmed
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert len(list((run / "checkpoints").glob("step-*"))) == 2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_checkpoint_exit_75_and_resume_bit_identically(straight, tmp_path, sig):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(diffuse_cmd("train", *TOY, "--out", str(run)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("model:"):
+            break
+    time.sleep(0.3)
+    proc.send_signal(sig)
+    out, err = proc.communicate()
+    assert proc.returncode == 75, err
+    assert err.count("\n") == 1 and err.startswith(f"diffuse: {sig.name} at ") and "re-run" in err
+    stopped_at = float(err.split(" at ")[1].split(" kimg")[0])
+    assert newest_whole(run) == pytest.approx(stopped_at)  # the checkpoint is of the step it stopped after
+    proc = subprocess.run(diffuse_cmd("train", *TOY, "--out", str(run)), capture_output=True, text=True)
+    assert proc.returncode == 0 and resumed_from(proc.stdout) == pytest.approx(stopped_at)
+    assert_bit_identical(weights(run), weights(straight))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process faults: a non-finite loss, non-finite weights, a full disk.
+
+
+def nan_loss_at(monkeypatch, bad_steps: set[int]):
+    """Make diffusion_loss return NaN at the given (0-based) training steps."""
+    real, calls = diffuse.train.diffusion_loss, [0]
+
+    def loss(*args):
+        out = real(*args)
+        calls[0] += 1
+        return out * float("nan") if calls[0] - 1 in bad_steps else out
+
+    monkeypatch.setattr(diffuse.train, "diffusion_loss", loss)
+
+
+def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny, monkeypatch, capsys):
+    run = tmp_path / "run"
+    nan_loss_at(monkeypatch, {10})  # steps 0-7 fill the first checkpoint (0.128 kimg at batch 16)
+    code = main(["train", "--preset", "fmnist-tiny", "--set", "model.channels=[8, 16]", "--set", "model.emb_dim=32",
+                 "--set", "train.kimg=0.256", "--set", "train.batch=16", "--set", "train.checkpoint_kimg=0.128",
+                 "--set", "train.probe_kimg=0", "--set", "train.fd_kimg=0", "--out", str(run)])
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1
+    assert "step 11 had loss nan" in err and "step-0000008" in err
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-0000008"]
+
+
+def test_skip_policy_skips_the_update_and_logs_it(tmp_path, tiny, monkeypatch):
+    nan_loss_at(monkeypatch, {3, 4})
+    run = train(tiny("train.nonfinite=skip", "train.probe_kimg=0"), tmp_path / "run", log=lambda *a: None)
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e["event"] == "nonfinite"] == [4, 5]
+    _, tensors, _ = diffuse.checkpoint.load_checkpoint(latest_checkpoint(run))
+    assert all(torch.isfinite(v).all() for v in tensors["model"].values())
+    adam_steps = {v.item() for k, v in tensors["optimizer"].items() if k.endswith(".step")}
+    assert adam_steps == {16 - 2}  # 16 steps, two skipped: Adam stepped 14 times
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny, monkeypatch):
+    real = diffuse.train.train_step
+
+    def poisoning_step(denoiser, *args):  # a step that leaves an inf in the weights but reports a finite loss
+        out = real(denoiser, *args)
+        if len(list((tmp_path / "run" / "checkpoints").glob("step-*"))) == 1:
+            next(denoiser.parameters()).data[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(diffuse.train, "train_step", poisoning_step)
+    with pytest.raises(Diverged, match="not finite; no checkpoint was written"):
+        train(tiny("train.probe_kimg=0", "train.nonfinite=skip"), tmp_path / "run", log=lambda *a: None)
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-0000008"]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_sentence_and_loses_nothing(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    real, calls = diffuse.checkpoint.save_file, [0]
+
+    def save_file(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # the second checkpoint's second file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffuse.checkpoint, "save_file", save_file)
+    args = ["train", *TOY, *IN_PROCESS, "--set", "train.kimg=4.096", "--out", str(run)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err and "intact" in err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000004"]  # no temporary folder left
+    assert verify(run / "checkpoints" / "step-0000004") is None
+    monkeypatch.setattr(diffuse.checkpoint, "save_file", real)  # space freed: the same command resumes
+    assert main(args) == 0
+    assert "resuming at 2.048 kimg" in capsys.readouterr().out
+
+
+def test_a_full_disk_while_logging_is_one_sentence(tmp_path, monkeypatch, capsys):
+    def append_jsonl(path, event):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(diffuse.train, "append_jsonl", append_jsonl)
+    assert main(["train", *TOY, *IN_PROCESS, "--set", "train.kimg=1.024", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "metrics.jsonl" in err and "No space left on device" in err
+
+
+def test_an_unwritable_run_directory_is_one_sentence(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["train", *TOY, *IN_PROCESS, "--out", str(blocker / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write to the run directory" in err

@@ -1,0 +1,148 @@
+"""Untrusted files: a checkpoint is loaded only if its manifest verifies, tensors only from
+safetensors and state only from JSON; anything else is refused with a sentence naming the file."""
+
+import hashlib
+import json
+import pickle
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from diffuse.checkpoint import load_checkpoint, verify
+from diffuse.cli import main
+from diffuse.errors import UserError
+from diffuse.train import train
+
+SRC = Path(__file__).parents[1] / "src" / "diffuse"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run with checkpoints at steps 8 and 16 (kept pristine: tests tamper with copies)."""
+    from conftest import tiny_config
+    return train(tiny_config("train.probe_kimg=0"), tmp_path_factory.mktemp("trained") / "run", log=lambda *a: None)
+
+
+@pytest.fixture
+def run(trained, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    return copy
+
+
+def newest(run: Path) -> Path:
+    return run / "checkpoints" / "step-0000016"
+
+
+def remanifest(checkpoint: Path) -> None:
+    """Rewrite the manifest to match the files, as someone who tampers on purpose would."""
+    manifest = {p.name: {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size}
+                for p in sorted(checkpoint.iterdir()) if p.name != "manifest.json"}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+def sample_cli(source, tmp_path, capsys, seed=0):
+    out = tmp_path / f"samples-{seed}.npz"
+    code = main(["sample", str(source), "--n", "4", "--steps", "2", "--seed", str(seed), "--out", str(out)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err, out
+
+
+def test_a_flipped_byte_is_refused_and_the_run_falls_back_to_the_older_checkpoint(run, tmp_path, capsys):
+    model = newest(run) / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    model.write_bytes(bytes(data))
+    code, _, err, _ = sample_cli(newest(run), tmp_path, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{model} does not match its SHA-256 in the manifest" in err
+    code, out, _, fallback = sample_cli(run, tmp_path, capsys)
+    assert code == 0 and "skipping checkpoint step-0000016" in out
+    code, _, _, older = sample_cli(run / "checkpoints" / "step-0000008", tmp_path, capsys, seed=0)
+    assert np.array_equal(np.load(fallback)["images"], np.load(older)["images"])  # drawn from step 8
+    from conftest import tiny_config
+    logs = []
+    train(tiny_config("train.probe_kimg=0"), run, log=logs.append)  # resuming skips it too
+    assert any(line.startswith("skipping checkpoint step-0000016") for line in logs)
+    assert any("resuming at 0.128 kimg" in line for line in logs)
+
+
+def test_a_truncated_file_is_refused(run, tmp_path, capsys):
+    ema = newest(run) / "ema.safetensors"
+    ema.write_bytes(ema.read_bytes()[:100])
+    code, _, err, _ = sample_cli(newest(run), tmp_path, capsys)
+    assert code == 2 and "bytes, not the" in err and "truncated" in err
+
+
+def test_a_pickle_in_place_of_safetensors_is_never_unpickled(run, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (newest(run) / "ema.safetensors").write_bytes(pickle.dumps({"weight": Payload()}))
+    remanifest(newest(run))  # the manifest agrees: only the format can give it away
+    code, _, err, _ = sample_cli(newest(run), tmp_path, capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "ema.safetensors is not a safetensors file" in err and "never unpickled" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (lambda c: (c / "manifest.json").unlink(), "manifest.json is missing or unreadable"),
+    (lambda c: (c / "manifest.json").write_text("[1, 2]"), "is not a diffuse manifest"),
+    (lambda c: (c / "manifest.json").write_text(json.dumps({"../../config.toml": {"sha256": "0", "bytes": 1}})),
+     "names a file outside its folder"),
+    (lambda c: ((c / "model.safetensors").unlink(), remanifest(c)), "lacks model.safetensors"),
+    (lambda c: ((c / "state.json").write_text("{not json"), remanifest(c)), "state.json is not valid JSON"),
+    (lambda c: ((c / "state.json").write_text('{"step": 3}'), remanifest(c)), "has no images-seen count"),
+    (lambda c: ((c / "config.toml").write_text("[train]\nkimg = -1\n"), remanifest(c)),
+     "config.toml: train.kimg must be greater than 0"),
+    (lambda c: ((c / "config.toml").write_text("[train\n"), remanifest(c)), "config.toml is not valid TOML"),
+])
+def test_tampered_checkpoint_files_are_refused(run, tmp_path, capsys, tamper, message):
+    tamper(newest(run))
+    code, _, err, _ = sample_cli(newest(run), tmp_path, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "Traceback" not in err and message in err
+
+
+def test_weights_that_do_not_fit_the_config_are_refused(run, tmp_path, capsys):
+    checkpoint = newest(run)
+    config = (checkpoint / "config.toml").read_text()
+    (checkpoint / "config.toml").write_text(re.sub(r"channels = \[[^\]]*\]", "channels = [16, 32]", config))
+    remanifest(checkpoint)
+    code, _, err, _ = sample_cli(checkpoint, tmp_path, capsys)
+    assert code == 2 and "do not fit the model its config describes" in err
+
+
+def test_a_checkpoint_from_another_run_is_refused_on_resume(run):
+    from conftest import tiny_config
+    foreign = run / "checkpoints" / "step-0000024"  # a whole checkpoint of a run with another seed
+    shutil.copytree(newest(run), foreign)
+    config = (foreign / "config.toml").read_text()
+    (foreign / "config.toml").write_text(re.sub(r"seed = \d+", "seed = 7", config))
+    remanifest(foreign)
+    assert verify(foreign) is None
+    with pytest.raises(UserError, match="train.seed differ.*belongs to another run"):
+        train(tiny_config("train.probe_kimg=0", "train.kimg=0.384"), run, log=lambda *a: None)
+
+
+def test_the_pristine_checkpoint_loads(trained):
+    config, tensors, state = load_checkpoint(newest(trained))
+    assert state["nimg"] == 256 and {"model", "ema", "optimizer"} <= tensors.keys()
+
+
+def test_no_code_path_can_unpickle():
+    """Every torch.load passes weights_only=True, every np.load allow_pickle=False; pickle is not imported."""
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, f"{path}: {call}"
+        for call in re.findall(r"np\.load\([^)]*\)", text):
+            assert "allow_pickle=False" in call, f"{path}: {call}"
+        assert not re.search(r"^\s*(import|from) (pickle|dill|cloudpickle)", text, re.M), path
