@@ -276,3 +276,56 @@ def test_every_valid_sample_flag_combination_samples(tiny_run, tmp_path, n, step
                             "--spacing", spacing, "--out", str(out)])
     assert code == 0, err
     assert len(np.load(out)["images"]) == n
+
+
+# ---------------------------------------------------------------------------------------------
+# Data files: a missing folder, files that are not IDX images, images of the wrong size.
+
+
+def write_idx(path, array: np.ndarray, gz: bool = True):
+    import gzip
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+@pytest.mark.parametrize("make, words", [
+    (None, "lacks train-images-idx3-ubyte.gz"),
+    (lambda d: [(d / n).write_text("<html>not found</html>") for n in FMNIST_FILES], "cannot be read as a gzipped IDX"),
+    (lambda d: [write_idx(d / n, np.zeros((4, 32, 32)) if "images" in n else np.zeros(4)) for n in FMNIST_FILES],
+     "images of shape (32, 32)"),
+    (lambda d: [write_idx(d / n, np.zeros((4, 28, 28)) if "images" in n else np.full(3, 2)) for n in FMNIST_FILES],
+     "does not hold one label 0-9 per image"),
+    (lambda d: [(d / n).write_bytes(__import__("gzip").compress(b"\x00\x00\x08\x03" + bytes(20))) for n in FMNIST_FILES],
+     "is truncated"),
+])
+def test_a_bad_data_folder_is_one_sentence(tmp_path, monkeypatch, capsys, make, words):
+    folder = tmp_path / "fmnist"
+    if make:
+        folder.mkdir()
+        make(folder)
+    monkeypatch.setenv("DIFFUSE_FMNIST_DIR", str(folder))
+    assert main(["train", "--preset", "fmnist-tiny", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert_one_sentence(err)
+    assert not (tmp_path / "run").exists()  # nothing written before the data was read
+
+
+@pytest.mark.parametrize("images, words", [
+    (np.zeros((5, 32, 32, 3), np.uint8), "needs images of shape (N, 28, 28, 1)"),
+    (np.zeros((5, 28, 28, 3), np.uint8), "needs images of shape (N, 28, 28, 1)"),
+    (np.zeros((5, 28, 28, 1), np.float32), "must be uint8"),
+    (np.zeros((1, 28, 28, 1), np.uint8), "at least 2 images"),
+])
+def test_eval_refuses_images_of_the_wrong_size_channels_or_type(tmp_path, capsys, images, words):
+    path = tmp_path / "s.npz"
+    np.savez(path, images=images, labels=np.zeros(len(images), np.int64))
+    assert main(["eval", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert words in err
+    assert_one_sentence(err)

@@ -5,17 +5,16 @@ ends bit-identical to a run that was never disturbed.
 """
 
 import errno
+import importlib.util
 import json
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import diffuse.checkpoint
 import diffuse.train
@@ -24,38 +23,13 @@ from diffuse.cli import main
 from diffuse.errors import Diverged
 from diffuse.train import train
 
-# A toy run of 80 steps in about 2 s of training, with a checkpoint every 4 steps, two kept.
+# The drill's pieces: the toy run, the kill-at-N-th-call driver, and how a resume point is read.
+spec = importlib.util.spec_from_file_location("fault_drill", Path(__file__).parents[1] / "scripts" / "fault_drill.py")
+drill = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(drill)
+TOY, KILL_AT_CALL, diffuse_cmd, resumed_from, newest_whole, weights = (
+    drill.TOY, drill.KILL_AT_CALL, drill.diffuse_cmd, drill.resumed_from, drill.newest_whole, drill.weights)
 IN_PROCESS = ["--set", "train.threads=0"]  # leave this test process's thread count alone
-TOY = ["--preset", "toy2d", "--set", "train.kimg=40.96", "--set", "train.checkpoint_kimg=2.048",
-       "--set", "train.keep_checkpoints=2", "--set", "train.log_kimg=1.024", "--set", "train.grid_kimg=40.96",
-       "--set", "train.probe_kimg=0", "--set", "train.threads=1", "--set", "sample.steps=4"]
-
-# Runs `diffuse` with one checkpoint-writing function replaced by one that SIGKILLs the process at
-# its N-th call: argv = FUNCTION N diffuse-arguments...
-KILL_AT_CALL = """
-import os, signal, sys
-import diffuse.checkpoint as checkpoint
-name, count = sys.argv[1], int(sys.argv[2])
-owner = checkpoint.os if name == "rename" else checkpoint.shutil if name == "rmtree" else checkpoint
-original, calls = getattr(owner, name), [0]
-def wrapped(*args, **kwargs):
-    calls[0] += 1
-    if calls[0] == count:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return original(*args, **kwargs)
-setattr(owner, name, wrapped)
-from diffuse.cli import main
-sys.exit(main(sys.argv[3:]))
-"""
-
-
-def diffuse_cmd(*args) -> list[str]:
-    return [sys.executable, "-u", "-m", "diffuse", *args]
-
-
-def weights(run: Path) -> dict:
-    newest = latest_checkpoint(run, report=lambda *_: None)
-    return {stem: load_file(newest / f"{stem}.safetensors") for stem in ("model", "ema", "optimizer")}
 
 
 def assert_bit_identical(a: dict, b: dict):
@@ -73,55 +47,24 @@ def straight(tmp_path_factory):
     return run
 
 
-def resumed_from(output: str) -> float | None:
-    """The kimg a (re)started run reports that it starts at; None if it was killed before it said."""
-    line = next((line for line in output.splitlines() if line.startswith("model:")), None)
-    return None if line is None else float(line.split(" at ")[1].split(" kimg")[0])
-
-
-def newest_whole(run: Path) -> float:
-    """The images seen (kimg) of the newest checkpoint that verifies, found independently of train."""
-    for path in sorted((run / "checkpoints").glob("step-*"), reverse=True) if (run / "checkpoints").is_dir() else []:
-        if verify(path) is None:
-            return json.loads((path / "state.json").read_text())["nimg"] / 1000
-    return 0.0
-
-
 def test_sigkill_at_many_moments_always_resumes_from_a_verified_checkpoint(straight, tmp_path):
     """22 kills: 12 inside the checkpoint write (before each file, in the manifest hashing, at the fsyncs,
     the rename and the pruning) and 10 at random moments; every restart resumes from the newest checkpoint
-    that verifies, and the run ends bit-identical to the straight one."""
+    that verifies (or is killed while verifying, before it says), and the run ends bit-identical to the
+    straight one. `scripts/fault_drill.py` runs the long version."""
     run, driver = tmp_path / "run", tmp_path / "kill_at_call.py"
     driver.write_text(KILL_AT_CALL)
     rng = random.Random(0)
     targeted = [("save_file", 1), ("save_file", 2), ("save_file", 6), ("sha256_file", 3), ("sha256_file", 13),
                 ("fsync_path", 4), ("fsync_path", 7), ("fsync_path", 15), ("rename", 1), ("rename", 3),
                 ("rmtree", 2), ("rmtree", 5)]
-    kills, torn_seen = 0, 0
-    for name, count in targeted:
-        expected = newest_whole(run)
-        proc = subprocess.run([sys.executable, "-u", str(driver), name, str(count), "train", *TOY, "--out", str(run)],
-                              capture_output=True, text=True)
-        assert proc.returncode == -signal.SIGKILL, (name, count, proc.stdout, proc.stderr)
-        assert resumed_from(proc.stdout) in (None, pytest.approx(expected))  # None: killed while verifying
-        torn_seen += "skipping checkpoint" in proc.stdout
-        kills += 1
-    for _ in range(10):
-        expected = newest_whole(run)
-        proc = subprocess.Popen(diffuse_cmd("train", *TOY, "--out", str(run)), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-        output = []
-        for line in proc.stdout:  # wait until training starts, then kill at a random moment of it
-            output.append(line)
-            if line.startswith("model:"):
-                break
-        time.sleep(rng.uniform(0.0, 0.4))
-        proc.kill()
-        output += proc.stdout.readlines()
-        proc.wait()
-        assert resumed_from("".join(output)) == pytest.approx(expected)
-        kills += proc.returncode == -signal.SIGKILL
-    assert kills >= 20
+    kills = [drill.kill_at_call(run, driver, name, count) for name, count in targeted]
+    assert all(k["killed"] for k in kills), kills
+    kills += [drill.kill_after(run, rng.uniform(0.0, 0.4)) for _ in range(10)]
+    landed = [k for k in kills if k["killed"]]
+    assert len(landed) >= 20
+    for k in landed:
+        assert k["resumed"] is None or k["resumed"] == pytest.approx(k["expected"]), k
     proc = subprocess.run(diffuse_cmd("train", *TOY, "--out", str(run)), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert_bit_identical(weights(run), weights(straight))
@@ -244,3 +187,29 @@ def test_an_unwritable_run_directory_is_one_sentence(tmp_path, capsys):
     assert main(["train", *TOY, *IN_PROCESS, "--out", str(blocker / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write to the run directory" in err
+
+
+def test_pruning_keeps_the_newest_and_the_best_fd(tmp_path):
+    """Checkpoints at steps 1-6 with FD measured at 2 (the best) and 4: keep=2 leaves 2, 5 and 6."""
+    root = tmp_path / "checkpoints"
+    fds = {2: 10.5, 4: 12.0}
+    for step in range(1, 7):
+        (root / f"step-{step:07d}").mkdir(parents=True)
+        state = {"step": step, "nimg": step * 64} | ({"fd": fds[step]} if step in fds else {})
+        (root / f"step-{step:07d}" / "state.json").write_text(json.dumps(state))
+    (root / ".tmp-step-0000007-123").mkdir()  # a killed writer's leftover
+    diffuse.checkpoint.prune_checkpoints(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-0000002", "step-0000005", "step-0000006"]
+
+
+def test_a_run_with_in_training_fd_keeps_its_best_checkpoint(tmp_path, tiny):
+    run = train(tiny("train.probe_kimg=0", "train.kimg=0.384", "train.fd_kimg=0.128", "train.fd_n=20",
+                     "train.fd_steps=2", "train.keep_checkpoints=1"), tmp_path / "run", log=lambda *a: None)
+    fds = {e["step"]: e["fd"] for e in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+           if e["event"] == "fd"}
+    assert sorted(fds) == [8, 16, 24]
+    best = min(fds, key=fds.get)
+    kept = sorted(p.name for p in (run / "checkpoints").glob("step-*"))
+    assert kept == sorted({f"step-{best:07d}", "step-0000024"})
+    state = json.loads((run / "checkpoints" / f"step-{best:07d}" / "state.json").read_text())
+    assert state["fd"] == fds[best]
