@@ -8,6 +8,8 @@ from diffuse.denoiser import Denoiser, from_prediction, training_target
 from diffuse.process import RectifiedFlow, VPDiscrete, spaced_timesteps
 from diffuse.sampling import Guided, ImageNoise, ddim, ddpm, euler, sample
 
+from helpers import ListNoise
+
 diffusers = pytest.importorskip("diffusers")
 
 
@@ -31,14 +33,6 @@ def reference_ddim(scheduler, x, eta, noises):
             out = net(x, t.float().expand(len(x)))
             x = scheduler.step(out, t, x, eta=eta, variance_noise=noises[i] if noises else None).prev_sample
     return x
-
-
-class ListNoise:
-    def __init__(self, noises):
-        self.noises = list(noises)
-
-    def __call__(self, like):
-        return self.noises.pop(0)
 
 
 def scheduler_kwargs(prediction, zsnr, spacing):
@@ -65,7 +59,8 @@ def test_ddim_matches_diffusers(prediction, zsnr, spacing, steps, eta):
     denoiser = Denoiser(FixedFunction(), process, prediction)
     got = ddim(denoiser, x.clone(), process.sampling_times(steps, spacing), eta=eta,
                noise=ListNoise(noises) if noises else None)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 * max(1.0, steps / 100)  # diffusers steps in float32: its rounding adds up over 1000 steps
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("prediction,steps", [("eps", 1000), ("v", 50), ("eps", 13)])
