@@ -101,7 +101,8 @@ def valid_value(key: str, draw):
     """A value of `key` that the fmnist-tiny preset must accept with only this key changed."""
     if key in CHOICES:
         allowed = {"data.name": ["fmnist"], "diffusion.process": ["vp"], "diffusion.prediction": ["v", "x0"],
-                   "model.net": ["unet"], "sample.sampler": ["ddim", "ddpm"]}.get(key, list(CHOICES[key]))
+                   "model.net": ["unet"], "sample.sampler": ["ddim", "ddpm", "heun"],
+                   "train.loss_weighting": ["uniform"]}.get(key, list(CHOICES[key]))
         return draw(st.sampled_from(allowed))
     if key == "model.channels":  # fmnist-tiny attends at level 1: keep 2 or 3 levels
         return draw(st.lists(st.integers(1, 32).map(lambda c: 8 * c), min_size=2, max_size=3))
@@ -109,6 +110,12 @@ def valid_value(key: str, draw):
         return draw(st.lists(st.integers(0, 1), max_size=2))
     if key == "data.factor":
         return draw(st.sampled_from([2, 4, 7, 14, 28]))
+    if key == "train.ema_sigma_rels":
+        return draw(st.lists(st.floats(0.01, 0.28), min_size=1, max_size=3))
+    if key == "train.adam_beta2":
+        return draw(st.floats(0, 0.9999))
+    if key == "sample.S_churn":  # the churn of heun only: fmnist-tiny samples with ddim
+        return 0.0
     kind = type(getattr(getattr(load_config("fmnist-tiny"), key.split(".")[0]), key.split(".")[1]))
     if kind is bool:
         return draw(st.booleans())
@@ -146,6 +153,10 @@ def invalid_value(key: str, draw):
                   list: st.one_of(st.integers(), st.text(max_size=5), st.lists(st.floats(allow_nan=False),
                                                                               min_size=1, max_size=2)
                                   .filter(lambda v: any(x != int(x) for x in v if math.isfinite(x))))}
+    if key == "train.ema_sigma_rels":  # a list of floats, not of integers
+        wrong_type[list] = st.one_of(st.integers(), st.text(max_size=5),
+                                     st.lists(st.text(string.ascii_letters, min_size=1, max_size=3), min_size=1,
+                                              max_size=2))
     options = [wrong_type.get(kind, st.just(object()))]
     if key in CHOICES:
         options.append(st.text(string.ascii_letters, max_size=8).filter(lambda v: v not in CHOICES[key]))

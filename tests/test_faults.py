@@ -103,8 +103,8 @@ def nan_loss_at(monkeypatch, bad_steps: set[int]):
     """Make diffusion_loss return NaN at the given (0-based) training steps."""
     real, calls = diffuse.train.diffusion_loss, [0]
 
-    def loss(*args):
-        out = real(*args)
+    def loss(*args, **kwargs):
+        out = real(*args, **kwargs)
         calls[0] += 1
         return out * float("nan") if calls[0] - 1 in bad_steps else out
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from diffuse.config import Config, read_config, to_toml
 from diffuse.denoiser import build_denoiser
+from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
 from diffuse.files import fsync_path, sha256_file
 
@@ -41,14 +42,22 @@ def save_checkpoint(run_dir: Path, step: int, config: Config, tensors: dict[str,
     """Write RUN_DIR/checkpoints/step-NNNNNNN atomically; `tensors` maps file stem -> state dict.
 
     A whole checkpoint of the same step is never replaced (training is deterministic, so it holds
-    the same state). A failed write (a full disk, a directory turned read-only) removes its
-    temporary folder and raises a UserError; the checkpoints already there are untouched.
+    the same state).
     """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / checkpoint_name(step)
+    final = Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
     if final.is_dir() and verify(final) is None:
         return final
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    return write_checkpoint(final, config, tensors, state)
+
+
+def write_checkpoint(final: Path, config: Config, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
+    """Write the checkpoint folder `final` under a temporary name, then rename it into place.
+
+    A failed write (a full disk, a directory turned read-only) removes its temporary folder and
+    raises a UserError; what was there before is untouched.
+    """
+    root = final.parent
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -62,13 +71,13 @@ def save_checkpoint(run_dir: Path, step: int, config: Config, tensors: dict[str,
         for p in tmp.iterdir():
             fsync_path(p)
         if final.exists():  # a damaged checkpoint of this step: set it aside, then drop it once replaced
-            os.rename(final, root / f".tmp-damaged-{checkpoint_name(step)}-{os.getpid()}")
+            os.rename(final, root / f".tmp-damaged-{final.name}-{os.getpid()}")
         os.rename(tmp, final)
         fsync_path(root)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); free disk space or make "
-                        f"{root} writable, then re-run to resume: the checkpoints already there are intact.") from None
+                        f"{root} writable, then re-run: the checkpoints already there are intact.") from None
     return final
 
 
@@ -205,9 +214,21 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def load_denoiser(path: Path, weights: str = "ema", device: str | torch.device = "cpu"):
-    """(config, denoiser in eval mode) from a run directory or checkpoint; weights 'ema' or 'model'."""
-    config, tensors, _ = load_checkpoint(resolve_checkpoint(path))
+def load_denoiser(path: Path, weights: str = "ema", device: str | torch.device = "cpu",
+                  sigma_rel: float | None = None):
+    """(config, denoiser in eval mode) from a run directory or checkpoint; weights 'ema' or 'model'.
+
+    With `sigma_rel`, the weights are the power-function EMA of that length reconstructed post hoc
+    from the run's snapshots (`diffuse.ema.reconstruct`) at the checkpoint's images seen.
+    """
+    checkpoint = resolve_checkpoint(path)
+    config, tensors, state = load_checkpoint(checkpoint)
+    if sigma_rel is not None:
+        snapshots = checkpoint.parent.parent / PHEMA_DIR
+        if config.train.ema != "power" or not snapshots.is_dir():
+            raise UserError(f"{path} has no power-function EMA snapshots to reconstruct sigma_rel {sigma_rel} from; "
+                            "train with train.ema = \"power\".")
+        tensors[weights] = reconstruct(snapshots, sigma_rel, at_nimg=state["nimg"])
     denoiser = build_denoiser(config)
     try:
         denoiser.net.load_state_dict(tensors[weights])

@@ -1,4 +1,4 @@
-"""The `diffuse` command: train, sample, eval, doctor.
+"""The `diffuse` command: train, sample, eval, ema, doctor.
 
 Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback;
 a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`).
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffuse.checkpoint import load_denoiser
+from diffuse.checkpoint import load_checkpoint, load_denoiser, resolve_checkpoint, verify, write_checkpoint
 from diffuse.config import Config, load_config, read_config, validate
 from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, doctor_report, format_table, run_doctor, write_doctor_json
 from diffuse.data import Scaling, data_shape, eval_conditions, eval_images
@@ -26,7 +26,8 @@ from diffuse.images import load_npz, rows_by_label, save_grid, save_npz, save_sc
 from diffuse.metrics.fmnist_fd import evaluate_images
 from diffuse.metrics.superres import evaluate_superres, first_of_each_class, panel
 from diffuse.process import SPACINGS
-from diffuse.report import write_report
+from diffuse.ema import PHEMA_DIR, reconstruct
+from diffuse.report import ema_sweep_plot, write_report
 from diffuse.sampling import SAMPLERS, sample
 from diffuse.seeding import image_seeds
 from diffuse.train import train
@@ -88,6 +89,20 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(run=cmd_eval)
 
+    p = sub.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length from a run's snapshots, or sweep FD")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with train.ema = \"power\"")
+    p.add_argument("--sigma-rel", type=float, help="the EMA length to reconstruct into --out")
+    p.add_argument("--at", type=float, metavar="KIMG", help="a snapshot time with a checkpoint (default: the newest)")
+    p.add_argument("--out", help="the checkpoint folder to write, for `diffuse sample` and `diffuse eval`")
+    p.add_argument("--sweep", action="store_true",
+                   help="FD-FMNIST over a range of sigma_rel: RUN_DIR/ema_sweep.json and ema_sweep.svg")
+    p.add_argument("--sigma-rels", default="0.02,0.03,0.05,0.07,0.10,0.13,0.16,0.20,0.25",
+                   help="the sweep's values, comma-separated")
+    p.add_argument("--n", type=int, default=2000, help="samples per sigma_rel in the sweep")
+    add_sampler_flags(p)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_ema)
+
     p = sub.add_parser("doctor", help="sanity checks that catch silent training bugs: a pass/fail table")
     p.add_argument("--preset", help="a preset name, e.g. fmnist, fmnist-tiny, toy2d")
     p.add_argument("--config", help="a TOML config file")
@@ -103,13 +118,16 @@ def build_parser() -> ArgumentParser:
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    """Flags that override the run's [sample] config; unset ones keep it."""
+    """Flags that override the run's [sample] config (unset ones keep it), and the EMA to sample."""
+    p.add_argument("--ema", type=float, metavar="SIGMA_REL",
+                   help="sample the power-function EMA of this length, reconstructed post hoc (train.ema = power)")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=int)
     p.add_argument("--spacing", choices=SPACINGS)
     p.add_argument("--eta", type=float)
     p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1]")
+    p.add_argument("--churn", type=float, dest="S_churn", help="heun: EDM's stochastic churn S_churn (0 = none)")
 
 
 def pick_device(name: str) -> torch.device:
@@ -186,7 +204,7 @@ def draw(source: Path, n: int | None, labels_text: str, seed: int, weights: str,
     A super-resolution run samples from the low-res versions of the first n test images
     (`data.eval_conditions`), and its labels are those images' classes.
     """
-    config, denoiser = load_denoiser(source, weights, pick_device(args.device))
+    config, denoiser = load_denoiser(source, weights, pick_device(args.device), sigma_rel=args.ema)
     settings = sampler_settings(config, args)
     n = n or config.sample.n_eval
     shape, num_classes = data_shape(config.data.name)
@@ -205,7 +223,7 @@ def sampler_settings(config: Config, args) -> dict:
     """The run's sampler settings with the command-line flags that were given on top, validated
     against the run's config (e.g. the euler sampler needs a rectified-flow run)."""
     settings = config.sample.sampler_args()
-    for key in ("sampler", "steps", "spacing", "eta", "cfg", "rescale"):
+    for key in ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "S_churn"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     if settings["steps"] < 1:
@@ -214,6 +232,8 @@ def sampler_settings(config: Config, args) -> dict:
         raise UserError("--rescale and --eta must lie in [0, 1].")
     if not 0 <= settings["cfg"] < math.inf:
         raise UserError(f"--cfg {settings['cfg']} must be a finite guidance scale of 0 or more (1 = none).")
+    if not 0 <= settings["S_churn"] < math.inf:
+        raise UserError(f"--churn {settings['S_churn']} must be a finite churn of 0 or more (0 = none).")
     flagged = copy.deepcopy(config)
     for key, value in settings.items():
         setattr(flagged.sample, key, value)
@@ -234,6 +254,58 @@ def parse_labels(text: str, n: int, num_classes: int) -> torch.Tensor:
     if any(not 0 <= v < num_classes for v in chosen):
         raise UserError(f"--labels {text!r} names a class outside 0..{num_classes - 1}.")
     return torch.tensor(chosen, dtype=torch.long).repeat(n // len(chosen) + 1)[:n]
+
+
+def cmd_ema(args) -> None:
+    """Reconstruct one EMA length into a checkpoint (--sigma-rel, --out), or sweep FD over many (--sweep)."""
+    if args.sweep == (args.sigma_rel is not None) or (args.sigma_rel is not None) != (args.out is not None):
+        raise UserError("give --sigma-rel S with --out CHECKPOINT, or --sweep; see `diffuse ema --help`.")
+    if args.ema is not None:
+        raise UserError("--ema does not apply to `diffuse ema`; give the length with --sigma-rel or --sigma-rels.")
+    run_dir = Path(args.run_dir)
+    checkpoint = checkpoint_at(run_dir, args.at)
+    if args.out:
+        config, tensors, state = load_checkpoint(checkpoint)
+        if config.train.ema != "power":
+            raise UserError(f"{run_dir} was trained with train.ema = \"{config.train.ema}\"; post-hoc EMA needs "
+                            "\"power\".")
+        weights = reconstruct(run_dir / PHEMA_DIR, args.sigma_rel, at_nimg=state["nimg"])
+        path = write_checkpoint(Path(args.out), config, {"model": tensors["model"], "ema": weights},
+                                {"step": state["step"], "nimg": state["nimg"], "ema_sigma_rel": args.sigma_rel})
+        print(f"wrote the EMA with sigma_rel {args.sigma_rel} at {state['nimg'] / 1000:g} kimg to {path}")
+        return
+    try:
+        sigma_rels = [float(v) for v in args.sigma_rels.split(",")]
+    except ValueError:
+        raise UserError(f"--sigma-rels {args.sigma_rels!r} is not a comma-separated list of numbers.") from None
+    if args.n < 2:
+        raise UserError(f"--n {args.n} must be at least 2 to fit a covariance.")
+    rows = []
+    for sigma_rel in sigma_rels:
+        args.ema = sigma_rel
+        config, x, labels, settings = draw(checkpoint, args.n, "all", 0, "ema", args)
+        result = evaluate_images(Scaling(config.data.mean, config.data.std).decode(x).numpy(), labels.numpy())
+        rows.append({"sigma_rel": sigma_rel, "fd": result["fd"], "accuracy": result["accuracy"]})
+        print(f"sigma_rel {sigma_rel:.3f}: FD-FMNIST {result['fd']:.3f}, class accuracy {result['accuracy']:.3f}")
+    tracked = config.train.ema_sigma_rels[0]
+    best = min(rows, key=lambda r: r["fd"])
+    sweep = {"checkpoint": str(checkpoint), "n": args.n, **settings, "tracked_sigma_rel": tracked,
+             "best": best, "rows": rows}
+    (run_dir / "ema_sweep.json").write_text(json.dumps(sweep, indent=1))
+    (run_dir / "ema_sweep.svg").write_text(ema_sweep_plot(rows))
+    write_report(run_dir)
+    print(f"best sigma_rel {best['sigma_rel']:g} (FD {best['fd']:.3f}); the run tracked {tracked:g}; "
+          f"wrote {run_dir / 'ema_sweep.json'}, ema_sweep.svg and the report's post-hoc EMA section")
+
+
+def checkpoint_at(run_dir: Path, kimg: float | None) -> Path:
+    """The run's checkpoint at `kimg` thousand images, or its newest whole one."""
+    if kimg is None:
+        return resolve_checkpoint(run_dir)
+    for path in sorted((run_dir / "checkpoints").glob("step-*")):
+        if verify(path) is None and json.loads((path / "state.json").read_text())["nimg"] == round(kimg * 1000):
+            return path
+    raise UserError(f"{run_dir} has no whole checkpoint at {kimg:g} kimg; leave out --at for the newest.")
 
 
 def cmd_doctor(args) -> int:

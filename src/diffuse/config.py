@@ -31,15 +31,23 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    process: str = "vp"               # vp (DDPM, 1000 steps) | flow (rectified flow, t in [0, 1])
+    process: str = "vp"               # vp (DDPM, 1000 steps) | flow (rectified flow, t in [0, 1]) | edm (t = sigma)
     schedule: str = "linear"          # vp betas: linear | scaled_linear | cosine
     zero_terminal_snr: bool = True    # Lin et al. 2023: alpha_bar at the last step is exactly 0
-    prediction: str = "v"             # eps | x0 | v | flow
+    prediction: str = "v"             # eps | x0 | v | flow | edm (EDM preconditioning, any process)
+    sigma_data: float = 1.0           # edm preconditioning: the data's std (1: diffuse scales data to std 1)
+    P_mean: float = -0.1              # edm process: ln sigma ~ N(P_mean, P_std) in training; EDM2's pixel
+    P_std: float = 1.6                # (-0.8, 1.6) for data of std 0.5, moved by ln 2 for data of std 1
+    sigma_min: float = 0.002          # edm process: the rho schedule of the samplers (Karras et al. 2022, eq. 5)
+    sigma_max: float = 80.0
+    rho: float = 7.0
 
 
 @dataclass
 class ModelConfig:
-    net: str = "unet"                 # unet (images) | mlp (2-D points)
+    net: str = "unet"                 # unet (images) | mp_unet (EDM2's magnitude-preserving U-Net) | mlp (2-D points)
+    fixed_mp: bool = True             # mp_unet: magnitude-preserving fixed-function layers (EDM2 config G) or
+                                      # plain SiLU, sum and concatenation around the MP learned layers (D-F)
     channels: list[int] = field(default_factory=lambda: [64, 128, 256])  # unet: per level
     blocks: int = 2                   # unet: residual blocks per level
     attn_levels: list[int] = field(default_factory=lambda: [2])  # unet: levels with attention
@@ -57,9 +65,18 @@ class TrainConfig:
     lr: float = 2e-4
     warmup_kimg: float = 2.0          # linear learning-rate warm-up
     weight_decay: float = 0.0
+    adam_beta2: float = 0.999         # EDM2 uses 0.99
     grad_clip: float = 1.0            # max global gradient norm; 0 turns clipping off
-    ema_halflife_kimg: float = 10.0   # EMA half-life in thousands of images
-    ema_rampup: float = 0.1           # half-life <= rampup * images seen, so early EMA forgets fast
+    lr_schedule: str = "constant"     # constant (after warm-up) | inv_sqrt: lr / sqrt(max(nimg / lr_ref_kimg / 1000, 1)) (EDM2)
+    lr_ref_kimg: float = 100.0        # inv_sqrt: where the decay starts, in thousands of images
+    loss_weighting: str = "uniform"   # uniform MSE in the net's parameterization | uncertainty (EDM2's learned
+                                      # per-noise-level weighting; mp_unet only)
+    ema: str = "traditional"          # traditional (half-life below) | power (EDM2's power-function EMA, post-hoc)
+    ema_halflife_kimg: float = 10.0   # traditional: EMA half-life in thousands of images
+    ema_rampup: float = 0.1           # traditional: half-life <= rampup * images seen, so early EMA forgets fast
+    ema_sigma_rels: list[float] = field(default_factory=lambda: [0.10, 0.05])  # power: tracked EMA lengths; the
+                                      # first is the run's EMA (grids, FD, `diffuse sample`)
+    ema_snapshot_kimg: float = 10.0   # power: snapshots of every tracked EMA for `diffuse ema`, every this many kimg
     seed: int = 0
     log_kimg: float = 2.0             # metrics.jsonl line every this many kimg
     grid_kimg: float = 20.0           # sample grid every this many kimg
@@ -81,12 +98,14 @@ class SampleConfig:
     eta: float = 0.0
     cfg: float = 1.0                  # classifier-free guidance scale w; 1 = none
     rescale: float = 0.0              # guidance rescale phi (Lin et al.), 0 = none
+    S_churn: float = 0.0              # heun: EDM's stochastic churn (Karras et al. 2022, Algorithm 2); 0 = deterministic
     n_eval: int = 10_000              # samples for the FD of `diffuse eval RUN`
     batch: int = 64                   # images per sampler call (small batches run faster on a CPU)
 
     def sampler_args(self) -> dict:
         """The keyword arguments of `sampling.sample` that this config sets."""
-        return {k: getattr(self, k) for k in ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "batch")}
+        return {k: getattr(self, k) for k in ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "S_churn",
+                                                   "batch")}
 
 
 @dataclass
@@ -101,23 +120,28 @@ class Config:
 CHOICES = {
     "data.name": ("fmnist", "toy2d"),
     "data.task": ("class", "superres"),
-    "diffusion.process": ("vp", "flow"),
+    "diffusion.process": ("vp", "flow", "edm"),
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
-    "diffusion.prediction": ("eps", "x0", "v", "flow"),
-    "model.net": ("unet", "mlp"),
+    "diffusion.prediction": ("eps", "x0", "v", "flow", "edm"),
+    "model.net": ("unet", "mp_unet", "mlp"),
     "sample.sampler": ("ddim", "ddpm", "euler", "heun"),
     "sample.spacing": ("trailing", "leading", "linspace"),
     "train.nonfinite": ("stop", "skip"),
+    "train.lr_schedule": ("constant", "inv_sqrt"),
+    "train.loss_weighting": ("uniform", "uncertainty"),
+    "train.ema": ("traditional", "power"),
 }
-POSITIVE = {"data.factor", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
+POSITIVE = {"data.factor", "diffusion.sigma_data", "diffusion.P_std", "diffusion.sigma_min", "diffusion.sigma_max",
+            "diffusion.rho", "train.lr_ref_kimg", "train.ema_snapshot_kimg", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
             "train.grid_kimg", "train.checkpoint_kimg", "train.keep_checkpoints", "train.fd_n", "train.fd_steps",
             "model.blocks", "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch"}
 NONNEGATIVE = {"train.warmup_kimg", "train.weight_decay", "train.grad_clip", "train.seed", "train.threads",
-               "train.probe_kimg", "train.fd_kimg", "sample.cfg"}
-PROBABILITY = {"model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta"}
+               "train.probe_kimg", "train.fd_kimg", "sample.cfg", "sample.S_churn"}
+PROBABILITY = {"train.adam_beta2", "model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta"}
 # Keys a resumed run may change: how long to train, how often to log, probe and measure, how to sample.
 RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.checkpoint_kimg",
                      "train.keep_checkpoints", "train.threads", "train.probe_kimg", "train.fd_", "train.nonfinite",
+                     "train.ema_snapshot_kimg",
                      "sample.")
 
 
@@ -221,6 +245,10 @@ def _coerce(key: str, kind, value):
     base = next((a for a in get_args(kind) if a is not type(None)), kind) if optional else kind
     if value is None and optional:
         return None
+    if get_origin(base) is list and get_args(base) == (float,):
+        if not isinstance(value, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in value):
+            raise UserError(f"{key} must be a list of numbers such as [0.1, 0.05], not {value!r}.")
+        return [float(v) for v in value]
     if get_origin(base) is list:
         if not isinstance(value, list) or not all(type(v) is int for v in value):
             raise UserError(f"{key} must be a list of integers such as [64, 128], not {value!r}.")
@@ -255,11 +283,25 @@ def validate(config: Config) -> None:
         if not 0 <= flat[section][name] <= 1:
             raise UserError(f"{key} must lie in [0, 1], not {flat[section][name]!r}.")
     d, m, s = config.diffusion, config.model, config.sample
-    terminal_alpha_zero = d.process == "flow" or d.zero_terminal_snr
+    terminal_alpha_zero = d.process == "flow" or (d.process == "vp" and d.zero_terminal_snr)
     if d.prediction == "eps" and terminal_alpha_zero:
         why = "rectified flow" if d.process == "flow" else "zero terminal SNR"
         raise UserError(f"eps-prediction cannot be used with {why}: at the last step alpha = 0 and "
                         "x0 = (x_t - sigma * eps) / alpha divides by zero; use prediction v or x0.")
+    if d.process == "edm" and d.prediction not in ("edm", "eps", "x0"):
+        raise UserError(f"prediction '{d.prediction}' does not suit process 'edm', whose sigma reaches "
+                        f"{d.sigma_max:g}; use prediction edm (EDM's preconditioning), eps or x0.")
+    if d.process == "edm" and d.sigma_min >= d.sigma_max:
+        raise UserError(f"diffusion.sigma_min {d.sigma_min:g} must be below diffusion.sigma_max {d.sigma_max:g}.")
+    t = config.train
+    if t.adam_beta2 >= 1:
+        raise UserError(f"train.adam_beta2 {t.adam_beta2:g} must be below 1: Adam's second moment needs to forget.")
+    if t.loss_weighting == "uncertainty" and m.net != "mp_unet":
+        raise UserError("train.loss_weighting 'uncertainty' needs the log-variance head of model.net 'mp_unet'.")
+    if t.ema == "power" and (not t.ema_sigma_rels or not all(0 < r < 0.2887 for r in t.ema_sigma_rels)):
+        raise UserError(f"train.ema_sigma_rels {t.ema_sigma_rels} must be one or more values in (0, 0.2887).")
+    if s.S_churn > 0 and s.sampler != "heun":
+        raise UserError(f"sample.S_churn {s.S_churn:g} is the heun sampler's churn; set sample.sampler = 'heun' or leave it 0.")
     if d.prediction == "flow" and d.process != "flow":
         raise UserError("prediction 'flow' is the rectified-flow velocity; use it with process 'flow'.")
     if d.process == "vp" and max(s.steps, config.train.fd_steps) > 1000:
@@ -273,8 +315,12 @@ def validate(config: Config) -> None:
         raise UserError(f"data.factor {config.data.factor} must divide the 28-pixel side and be at least 2 "
                         "(2, 4, 7, 14 or 28).")
     if (config.data.name == "toy2d") != (m.net == "mlp"):
-        raise UserError("data 'toy2d' goes with model.net 'mlp', and image data with 'unet'.")
-    if m.net == "unet":
+        raise UserError("data 'toy2d' goes with model.net 'mlp', and image data with 'unet' or 'mp_unet'.")
+    if m.net == "mp_unet" and d.process != "edm":
+        raise UserError("model.net 'mp_unet' embeds EDM's c_noise = ln(sigma) / 4; use it with diffusion.process 'edm'.")
+    if m.net == "mp_unet" and config.data.task != "class":
+        raise UserError("model.net 'mp_unet' is class-conditional; use 'unet' for data.task 'superres'.")
+    if m.net in ("unet", "mp_unet"):
         if not m.channels or min(m.channels) < 8 or any(c % 8 for c in m.channels):
             raise UserError(f"model.channels {m.channels} must be multiples of 8, at least 8.")
         if 28 % 2 ** (len(m.channels) - 1):

@@ -31,7 +31,7 @@ from diffuse.checkpoint import load_denoiser
 from diffuse.config import RESUMABLE_CHANGES, Config, load_config, to_dict
 from diffuse.data import TrainData, load_train_data
 from diffuse.denoiser import Denoiser, append_dims, build_denoiser
-from diffuse.process import VPDiscrete
+from diffuse.process import EDM, VPDiscrete
 from diffuse.seeding import derive_seed
 from diffuse.train import batch_at, epoch_permutation, learning_rate, scaling_of, train_step
 
@@ -39,6 +39,7 @@ TYPE_BATCH = 256          # real images for the type checks' statistics and regr
 NET_BATCH = 128           # held-out images the network sees in the identity, leak and output checks
 TYPE_FRACTIONS = (0.1, 0.5, 0.9)  # noise levels of the type checks, as fractions of the process's time
 LEAK_FRACTIONS = (0.2, 0.7)       # a moderate (VP: alpha 0.8) and a high (alpha 0.08) noise level for the leak check
+EDM_GRID = 1000           # EDM: noise levels are fractions of a 1000-step rho schedule
 DATA_SAMPLE = 4096        # training examples for the data statistics (mean to about +-0.01)
 DATA_TOL = 0.05           # |mean| and |std - 1| of the scaled training data (exactly 0 and 1 when fitted)
 COEF_TOL = 0.02           # x_t and targets are exact linear combinations: only float rounding is allowed
@@ -91,14 +92,23 @@ def held_out(data: TrainData, seed: int, n: int = NET_BATCH) -> tuple[torch.Tens
 
 
 def time_at(process, fraction: float, n: int, device) -> torch.Tensor:
-    """Times (n,) at `fraction` of the way from clean to pure noise: step round(f * T) for VP, t = f for flow."""
+    """Times (n,) at `fraction` of the way from clean to pure noise: step round(f * T) for VP, t = f for
+    flow, for EDM the sigma at that fraction of its sampling schedule (rho schedule, 1000 steps, read
+    from the clean end: 0.1 -> 0.017, 0.5 -> 2.5, 0.9 -> 46 with EDM's defaults)."""
     if isinstance(process, VPDiscrete):
         return torch.full((n,), round(fraction * process.T), dtype=torch.long, device=device)
+    if isinstance(process, EDM):
+        return torch.full((n,), edm_sigmas(process)[round(fraction * (EDM_GRID - 1))], device=device)
     return torch.full((n,), fraction, device=device)
 
 
+def edm_sigmas(process: EDM) -> list[float]:
+    """EDM_GRID sigmas of the process's sampling schedule, ascending from sigma_min to sigma_max."""
+    return process.sampling_times(EDM_GRID)[-2::-1]
+
+
 def time_name(t: torch.Tensor) -> str:
-    return f"t={t[0].item():g}"
+    return f"t={t[0].item():.4g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,16 +130,20 @@ def composition(y: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> tuple[f
     return a, b, residual.item()
 
 
-def known_compositions(alpha: float, sigma: float) -> dict[str, tuple[float, float]]:
-    """What each tensor of a step is, as (coefficient of x0, coefficient of eps), at (alpha, sigma)."""
-    known = {"eps": (0.0, 1.0), "x0": (1.0, 0.0), "v": (-sigma, alpha), "flow": (-1.0, 1.0), "x_t": (alpha, sigma)}
+def known_compositions(alpha: float, sigma: float, sigma_data: float = 1.0) -> dict[str, tuple[float, float]]:
+    """What each tensor of a step is, as (coefficient of x0, coefficient of eps), at (alpha, sigma);
+    edm is EDM's preconditioned target (sigma x0 - alpha sigma_data^2 eps) / (sigma_data s),
+    s^2 = sigma^2 + alpha^2 sigma_data^2, written out here rather than taken from the denoiser."""
+    s = math.hypot(sigma, alpha * sigma_data)
+    known = {"eps": (0.0, 1.0), "x0": (1.0, 0.0), "v": (-sigma, alpha), "flow": (-1.0, 1.0), "x_t": (alpha, sigma),
+             "edm": (sigma / (sigma_data * s), -alpha * sigma_data / s)}
     return known | {f"-{k}": (-a, -b) for k, (a, b) in known.items()}
 
 
 def composition_check(name: str, tensor: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor,
-                      expect: str, alpha: float, sigma: float) -> Check:
+                      expect: str, alpha: float, sigma: float, sigma_data: float = 1.0) -> Check:
     """Pass when `tensor` is the combination of (x0, eps) that `expect` names, at (alpha, sigma)."""
-    known = known_compositions(alpha, sigma)
+    known = known_compositions(alpha, sigma, sigma_data)
     a, b, residual = composition(tensor, x0, eps)
     ea, eb = known[expect]
     mean, std, rms = stats(tensor)
@@ -165,7 +179,7 @@ def type_checks(config: Config, denoiser: Denoiser, data: TrainData) -> list[Che
         alpha, sigma = (s[0].item() for s in denoiser.process.alpha_sigma(t))
         checks.append(composition_check(f"x_t at {time_name(t)}", x_t, x0, eps, "x_t", alpha, sigma))
         checks.append(composition_check(f"{prediction}-target at {time_name(t)}", target, x0, eps,
-                                        prediction, alpha, sigma))
+                                        prediction, alpha, sigma, denoiser.sigma_data))
         outputs.append(denoiser.raw(x_t[:NET_BATCH], t[:NET_BATCH], cond[:NET_BATCH]))
     checks.append(output_check(torch.cat(outputs)))
     return checks
@@ -198,6 +212,9 @@ def early_times(process, n: int, generator: torch.Generator, device) -> torch.Te
     """Times (n,) in the first half of the schedule, where alpha is far from 0 and x0 = x_t / alpha is recoverable."""
     if isinstance(process, VPDiscrete):
         return torch.randint(0, process.T // 2, (n,), generator=generator).to(device)
+    if isinstance(process, EDM):
+        index = torch.randint(0, EDM_GRID // 2, (n,), generator=generator)
+        return torch.tensor(edm_sigmas(process))[index].to(device)
     return (0.5 * torch.rand(n, generator=generator)).to(device)
 
 

@@ -1,10 +1,14 @@
 """Noise processes: x_t = alpha_t * x0 + sigma_t * eps, each with its own clock t.
 
-A process answers four questions and nothing else: the (alpha_t, sigma_t) of a time (in float64;
+A process answers four questions: the (alpha_t, sigma_t) of a time (in float64;
 callers cast to their data's dtype), how to draw
 training times, what time value the network sees, and which times a sampler visits. Every time list
 a sampler gets ends at the clean state (alpha = 1, sigma = 0), so samplers never special-case the
-last step.
+last step. A fifth, `time_of(sigma / alpha)`, inverts the noise level for samplers that raise it
+(EDM's churn); it returns a time of the kind `sampling_times` lists.
+
+Three processes: `VPDiscrete` (DDPM), `RectifiedFlow`, and `EDM` (Karras et al. 2022), where
+alpha = 1 and the time is sigma itself.
 """
 
 from __future__ import annotations
@@ -96,6 +100,12 @@ class VPDiscrete:
         """Descending steps ending with -1 (clean): each step's previous time is the next entry."""
         return spaced_timesteps(steps, spacing, self.T) + [-1]
 
+    def time_of(self, s: float) -> int:
+        """The step whose sigma / alpha is nearest s: EDM's `round_sigma` for a discrete process."""
+        # sigma / alpha = sqrt((1 - abar) / abar); infinite at a zero-terminal-SNR last step
+        s_all = ((1 - self.alpha_bar) / self.alpha_bar).sqrt()  # (T,) float64
+        return int((s_all - s).abs().argmin())
+
 
 class RectifiedFlow:
     """Rectified flow: x_t = (1 - t) * x0 + t * eps for t in [0, 1]; alpha = 1 - t, sigma = t."""
@@ -119,5 +129,64 @@ class RectifiedFlow:
             raise UserError(f"--steps {steps} is out of range; choose at least 1.")
         return [1 - i / steps for i in range(steps)] + [0.0]
 
+    def time_of(self, s: float) -> float:
+        """The t whose sigma / alpha = t / (1 - t) is s: t = s / (1 + s)."""
+        return s / (1 + s)
 
-Process = VPDiscrete | RectifiedFlow
+
+class EDM:
+    """Karras et al. 2022 (EDM): x_t = x0 + sigma * eps; alpha = 1, and the time t *is* sigma.
+
+    Training draws ln sigma ~ N(P_mean, P_std). The default (-0.8, 1.6) is EDM2's for pixels
+    (ImageNet-64, Karras et al. 2024), chosen because the EDM2 net and its learned-uncertainty loss
+    were tuned with it; EDM1's is (-1.2, 1.2), EDM2's for latents (-0.4, 1.0). All of EDM's sigmas
+    are in the units of data with std sigma_data = 0.5.
+    """
+
+    def __init__(self,
+                 P_mean: float = -0.8,       # mean of ln sigma at training
+                 P_std: float = 1.6,         # std of ln sigma at training
+                 sigma_min: float = 0.002,   # last noise level a sampler visits before 0
+                 sigma_max: float = 80.0,    # first noise level a sampler visits
+                 rho: float = 7.0):          # curvature of the sampling schedule
+        self.P_mean, self.P_std = P_mean, P_std
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(1, sigma = t) as float64 tensors shaped like t."""
+        sigma = t.double()
+        return torch.ones_like(sigma), sigma
+
+    def sample_train_t(self, n: int, generator: torch.Generator, device) -> torch.Tensor:
+        """sigma (n,) in float64 with ln sigma ~ N(P_mean, P_std^2) (EDM Table 1, "noise distribution")."""
+        # ln sigma = P_mean + P_std * n,  n ~ N(0, 1)
+        ln_sigma = self.P_mean + self.P_std * torch.randn(n, generator=generator, dtype=torch.float64)
+        return ln_sigma.exp().to(device)
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """EDM's c_noise = ln(sigma) / 4 (Table 1), in float32; -inf at the clean state, which no net sees."""
+        # c_noise = ln(sigma) / 4
+        return (t.double().log() / 4).float()
+
+    def sampling_times(self, steps: int, spacing: str = "trailing") -> list[float]:
+        """`steps` sigmas of the rho schedule (EDM eq. 5), then 0 (clean); spacing does not apply.
+
+        sigma_i = (sigma_max^(1/rho) + i / (N-1) * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i < N.
+        Each is rounded to float32, so a time tensor of the default dtype (the samplers' `torch.full`)
+        holds it exactly and a sampler's step sizes use the very sigma the net is given (EDM's
+        preconditioning casts sigma to float32 too). One step is just [sigma_max, 0].
+        """
+        if steps < 1:
+            raise UserError(f"--steps {steps} is out of range; choose at least 1.")
+        i = torch.arange(steps, dtype=torch.float64)
+        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
+        # sigma_i = (hi + i / (N - 1) * (lo - hi))^rho
+        sigmas = (hi + i / max(steps - 1, 1) * (lo - hi)) ** self.rho
+        return sigmas.float().double().tolist() + [0.0]
+
+    def time_of(self, s: float) -> float:
+        """The time whose sigma is s: s itself, rounded to float32 like the sampling times."""
+        return torch.tensor(s, dtype=torch.float64).float().item()
+
+
+Process = VPDiscrete | RectifiedFlow | EDM

@@ -32,7 +32,7 @@ def write_report(run_dir: Path) -> Path:
             status_section(events, config_text, read_json(run_dir / "eval.json")[0]),
             '<p id="self-check">self-check did not run (JavaScript is off)</p>',
             plots_section(events), grids_section(run_dir), doctor_section(run_dir),
-            eval_section(run_dir), config_section(config_text)]
+            eval_section(run_dir), ema_sweep_section(run_dir), config_section(config_text)]
     page = PAGE.format(title=name, style=STYLE, body="\n".join(body), script=SELF_CHECK)
     path, tmp = run_dir / "report.html", run_dir / "report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
@@ -189,6 +189,25 @@ def doctor_section(run_dir: Path) -> str:
     return f'<h2>Doctor</h2>\n{summary}\n<table class="doctor">{head}\n' + "\n".join(rows) + "</table>"
 
 
+def ema_sweep_plot(rows: list[dict]) -> str:
+    """FD against sigma_rel from the rows of `diffuse ema --sweep` (ema_sweep.json)."""
+    points = [(r["sigma_rel"], r["fd"]) for r in rows if None not in (number(r.get("sigma_rel")), number(r.get("fd")))]
+    return svg_plot({"FD": points}, "FD-FMNIST against the post-hoc EMA length", "FD", x_label="sigma_rel")
+
+
+def ema_sweep_section(run_dir: Path) -> str:
+    """The post-hoc EMA sweep, when `diffuse ema --sweep` has run: the plot and the best length."""
+    sweep, why = read_json(run_dir / "ema_sweep.json")
+    if sweep is None:
+        return "" if why == "missing" else f"<h2>Post-hoc EMA</h2>\n<p>ema_sweep.json is {escape(why)}.</p>"
+    rows = [r for r in sweep.get("rows", []) if isinstance(r, dict)]
+    best, tracked = sweep.get("best") or {}, sweep.get("tracked_sigma_rel")
+    line = (f"<p>best sigma_rel {fmt(best.get('sigma_rel'), 'g')} (FD {fmt(best.get('fd'), '.2f')}); the run "
+            f"tracked {fmt(tracked, 'g')}; {fmt(sweep.get('n'), 'g')} samples each. "
+            f"<code>diffuse ema RUN --sigma-rel S --out CKPT</code> writes any of them.</p>")
+    return f"<h2>Post-hoc EMA</h2>\n{line}\n{ema_sweep_plot(rows)}"
+
+
 def eval_section(run_dir: Path) -> str:
     results, why = read_json(run_dir / "eval.json")
     if results is None:
@@ -208,8 +227,9 @@ def config_section(config_text: str | None) -> str:
 # Plots.
 
 
-def svg_plot(curves: dict[str, list[tuple[float, float]]], title: str, y_label: str, log_y: bool = False) -> str:
-    """Curves {name: [(kimg, y), ...]} as an inline <svg class="plot">, x linear, y linear or log.
+def svg_plot(curves: dict[str, list[tuple[float, float]]], title: str, y_label: str, log_y: bool = False,
+             x_label: str = "kimg") -> str:
+    """Curves {name: [(x, y), ...]} (x in kimg unless told) as an inline <svg class="plot">, x linear, y linear or log.
 
     Points that a log axis cannot show (y <= 0) are left out; with no point at all the plot is a
     short "no data yet" note instead of an empty box.
@@ -239,7 +259,7 @@ def svg_plot(curves: dict[str, list[tuple[float, float]]], title: str, y_label: 
     for y in y_ticks:
         out.append(f'<line x1="{LEFT}" x2="{LEFT + w}" y1="{py(y):.2f}" y2="{py(y):.2f}" class="gridline"/>'
                    f'<text x="{LEFT - 5}" y="{py(y) + 4:.2f}" text-anchor="end">{tick_label(y)}</text>')
-    out.append(f'<text x="{LEFT + w / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="axis">kimg</text>'
+    out.append(f'<text x="{LEFT + w / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="axis">{escape(x_label)}</text>'
                f'<text transform="translate(14 {TOP + h / 2}) rotate(-90)" text-anchor="middle" class="axis">'
                f"{escape(y_label)}</text>")
     for i, (name, pts) in enumerate(curves.items()):

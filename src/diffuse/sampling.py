@@ -19,7 +19,7 @@ from tqdm import tqdm
 from diffuse.denoiser import append_dims
 from diffuse.errors import UserError
 
-SAMPLERS = ("ddim", "ddpm", "euler")
+SAMPLERS = ("ddim", "ddpm", "euler", "heun")
 Noise = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -91,6 +91,69 @@ def euler(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *,
     return x
 
 
+def _denoise(denoiser: nn.Module, x: torch.Tensor, t, cond, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0_hat, eps_hat) in float64 for the float64 loop state x (B, ...), the net fed in `dtype`."""
+    x0, eps = denoiser(x.to(dtype), torch.full((len(x),), t, device=x.device), cond)
+    return x0.double(), eps.double()
+
+
+def _churn(process, x: torch.Tensor, t, gamma: float, S_noise: float, noise: Noise):
+    """EDM's churn (Algorithm 2, lines 4-6): x~ raised from sigma~ to sigma^ = sigma~ (1 + gamma).
+
+    In EDM's variables x~ = x / alpha, sigma~ = sigma / alpha: x~^ = x~ + sqrt(sigma^^2 - sigma~^2) S_noise z.
+    sigma^ is rounded to a time of the process (`time_of`; like EDM's `round_sigma`, the nearest
+    step for a discrete process). Returns (x^, t^).
+    """
+    alpha, sigma = _coefficients(process, t)
+    t_hat = process.time_of(sigma / alpha * (1 + gamma))
+    alpha_hat, sigma_hat = _coefficients(process, t_hat)
+    s, s_hat = sigma / alpha, sigma_hat / alpha_hat
+    # x~^ = x~ + sqrt(sigma^^2 - sigma~^2) S_noise z, carried back to x by alpha^
+    x_hat = alpha_hat * (x / alpha + math.sqrt(max(s_hat**2 - s**2, 0.0)) * S_noise * noise(x))
+    return x_hat, t_hat
+
+
+@torch.no_grad()
+def heun(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *, S_churn: float = 0.0,
+         S_min: float = 0.0, S_max: float = math.inf, S_noise: float = 1.0, noise: Noise | None = None,
+         progress: bool = False) -> torch.Tensor:
+    """EDM's second-order sampler with churn (Karras et al. 2022, Algorithm 2), for any process.
+
+    In EDM's variables x~ = x / alpha, sigma~ = sigma / alpha (x~ = x0 + sigma~ eps; for EDM
+    alpha = 1 and they are x and sigma) the ODE is dx~/dsigma~ = (x~ - D(x~)) / sigma~ = eps_hat.
+    With N = len(times) - 1 steps, each step from sigma~ to sigma~':
+      churn: gamma = min(S_churn / N, sqrt(2) - 1) where S_min <= sigma~ <= S_max, else 0;
+             sigma^ = sigma~ (1 + gamma), x~^ = x~ + sqrt(sigma^^2 - sigma~^2) S_noise z;
+      Euler: x~' = x~^ + (sigma~' - sigma^) eps_hat(x~^);
+      Heun:  x~' = x~^ + (sigma~' - sigma^) (eps_hat(x~^) + eps_hat(x~')) / 2, except into sigma~' = 0.
+    Multiplied by alpha' these update x itself: the Euler step is DDIM's x' = alpha' x0_hat + sigma' eps_hat
+    and the correction adds (sigma' - alpha' sigma^) (eps_hat' - eps_hat) / 2. Neither divides by
+    alpha, so a first time with alpha = 0 (zero terminal SNR; flow's t = 1; sigma~ infinite) works:
+    that step is Euler only (the trapezoid over an infinite interval is undefined) and has no churn.
+    NFE = 2N - 1 (2N - 2 when the first time has alpha = 0). The loop runs in float64, as EDM's;
+    the net sees x in the dtype it was given. Returns x0 shaped and typed like x.
+    """
+    if S_churn > 0 and noise is None:
+        raise ValueError("heun with S_churn > 0 needs a noise source")
+    process, dtype, N = denoiser.process, x.dtype, len(times) - 1
+    x = x.double()
+    for t, t_next in _steps(times, progress):
+        alpha, sigma = _coefficients(process, t)
+        alpha_next, sigma_next = _coefficients(process, t_next)
+        churn = alpha > 0 and S_churn > 0 and S_min <= sigma / alpha <= S_max
+        gamma = min(S_churn / N, math.sqrt(2) - 1) if churn else 0.0
+        x_hat, t_hat = _churn(process, x, t, gamma, S_noise, noise) if gamma > 0 else (x, t)
+        alpha_hat, sigma_hat = _coefficients(process, t_hat)
+        x0, eps = _denoise(denoiser, x_hat, t_hat, cond, dtype)
+        # Euler: x' = alpha' (x~^ + (sigma~' - sigma^) eps_hat) = alpha' x0_hat + sigma' eps_hat
+        x = alpha_next * x0 + sigma_next * eps
+        if sigma_next > 0 and alpha_hat > 0:
+            _, eps_next = _denoise(denoiser, x, t_next, cond, dtype)
+            # Heun: x' += alpha' (sigma~' - sigma^) (eps_hat' - eps_hat) / 2
+            x = x + (sigma_next - alpha_next * sigma_hat / alpha_hat) / 2 * (eps_next - eps)
+    return x.to(dtype)
+
+
 def null_condition(cond: torch.Tensor) -> torch.Tensor:
     """The "no condition" of the same kind: label -1, or a row of NaN for vector conditions."""
     if cond.dtype.is_floating_point:
@@ -133,27 +196,36 @@ class Guided(nn.Module):
 
 def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seeds: Sequence[int], *,
            sampler: str = "ddim", steps: int = 25, spacing: str = "trailing", eta: float = 0.0,
-           cfg: float = 1.0, rescale: float = 0.0, batch: int = 256, progress: bool = False) -> torch.Tensor:
+           cfg: float = 1.0, rescale: float = 0.0, S_churn: float = 0.0, S_min: float = 0.0,
+           S_max: float = math.inf, S_noise: float = 1.0, batch: int = 256,
+           progress: bool = False) -> torch.Tensor:
     """Draw len(seeds) samples in model space, (N, *shape); image i depends on seeds[i] and cond[i] only.
 
     cond: one condition per sample along dim 0, (N, ...): class labels int64 (N,) with -1 for
     unconditional, vectors (N, D), or images (N, C, h, w); NaN marks a missing float condition.
-    Guidance applies where cfg != 1.
+    Guidance applies where cfg != 1. The start is x_T = alpha_T * 0 + sigma_T * eps at the first
+    sampling time (the data term dropped, as EDM does): sigma_max * eps for EDM, eps wherever
+    sigma_T = 1 (flow, zero-terminal-SNR VP). S_*: heun's churn (EDM Algorithm 2).
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
     device = next(denoiser.parameters()).device
     model = Guided(denoiser, cfg, rescale) if cfg != 1.0 else denoiser
     times = denoiser.process.sampling_times(steps, spacing)
+    _, sigma_T = _coefficients(denoiser.process, times[0])
     out = []
     for start in tqdm(range(0, len(seeds), batch), desc="sampling", disable=not progress):
         noise = ImageNoise(seeds[start:start + batch])
         y = cond[start:start + batch].to(device)
-        x = noise(torch.empty((len(y), *shape), device=device))
+        # x_T = alpha_T * 0 + sigma_T * eps
+        x = sigma_T * noise(torch.empty((len(y), *shape), device=device))
         if sampler == "ddim":
             x = ddim(model, x, times, y, eta=eta, noise=noise)
         elif sampler == "ddpm":
             x = ddpm(model, x, times, y, noise=noise)
+        elif sampler == "heun":
+            x = heun(model, x, times, y, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
+                     noise=noise)
         else:
             x = euler(model, x, times, y)
         out.append(x.cpu())

@@ -33,7 +33,7 @@ from diffuse.checkpoint import (join_optimizer_state, latest_checkpoint, load_ch
 from diffuse.config import Config, TrainConfig, read_config, resume_conflicts, to_toml
 from diffuse.data import Scaling, TrainData, eval_conditions, load_fmnist, load_train_data, low_res
 from diffuse.denoiser import Denoiser, build_denoiser
-from diffuse.ema import ema_beta, update_ema
+from diffuse.ema import PHEMA_DIR, PowerEMA, ema_beta, update_ema
 from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.images import save_grid, save_scatter
 from diffuse.losses import diffusion_loss
@@ -65,9 +65,11 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
         torch.manual_seed(derive_seed(t.seed, "init"))
         denoiser = build_denoiser(config).to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    phema = PowerEMA(denoiser.net, t.ema_sigma_rels) if t.ema == "power" else None  # ema then mirrors its first
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, betas=(0.9, t.adam_beta2),
+                                  weight_decay=t.weight_decay)
     probe = start_probe(denoiser, data, t, log) if t.probe_kimg > 0 else None  # before restore: needs the untrained net
-    nimg = restore(run_dir, denoiser, ema, optimizer, probe, log)
+    nimg = restore(run_dir, denoiser, ema, phema, optimizer, probe, log)
     log(f"model: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters; "
         f"{'resuming at' if nimg else 'starting at'} {nimg / 1000:g} kimg of {t.kimg:g}")
 
@@ -86,7 +88,10 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
             before, nimg = nimg, nimg + t.batch
             where = {"step": step + 1, "kimg": nimg / 1000}
             if math.isfinite(loss) and math.isfinite(grad_norm):
-                update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
+                if phema:
+                    phema.update(denoiser.net, nimg)
+                else:
+                    update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
                 window.add(loss, grad_norm, t.batch, time.perf_counter() - start)
             else:
                 handle_nonfinite(t.nonfinite, step, loss, grad_norm, run_dir, metrics, where, log)
@@ -94,6 +99,13 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
             if probe and crossed(before, nimg, t.probe_kimg):
                 probe.step(denoiser, x0, cond, labels, derive_seed(t.seed, "probe", step))
             done = nimg >= total
+            grid_due = crossed(before, nimg, t.grid_kimg) or done
+            fd_due = t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done)
+            save_due = crossed(before, nimg, t.checkpoint_kimg) or done or fd_due or stop.requested
+            if phema and (crossed(before, nimg, t.ema_snapshot_kimg) or done):
+                phema.save_snapshots(run_dir / PHEMA_DIR, nimg)
+            if phema and (grid_due or fd_due or save_due):
+                ema.net.load_state_dict(phema.ema_state_dict(0))  # the run's EMA, for grids, FD and checkpoints
             logged = crossed(before, nimg, t.log_kimg) or done
             if logged:
                 event = {"event": "train", **where, "lr": lr, **window.summary()}
@@ -101,15 +113,14 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
                 if probe:
                     append_jsonl(metrics, {"event": "probe", **where, **probe.summary()})
                 bar.set_postfix(loss=f"{event['loss']:.4f}")
-            if crossed(before, nimg, t.grid_kimg) or done:
+            if grid_due:
                 seconds = timed(write_grid, ema, config, data, run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png")
                 append_jsonl(metrics, {"event": "grid", **where, "seconds": seconds})
-            fd = None
-            if t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done):
-                fd = training_fd(ema, config, data)
+            fd = training_fd(ema, config, data) if fd_due else None
+            if fd:
                 append_jsonl(metrics, {"event": "fd", **where, **fd})
-            if crossed(before, nimg, t.checkpoint_kimg) or done or fd or stop.requested:
-                save(run_dir, step + 1, nimg, config, denoiser, ema, optimizer, probe, fd and fd["fd"])
+            if save_due:
+                save(run_dir, step + 1, nimg, config, denoiser, ema, phema, optimizer, probe, fd and fd["fd"])
             if logged:
                 write_report(run_dir)
             if stop.requested and not done:
@@ -131,7 +142,8 @@ def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.T
     torch.manual_seed(seed)  # dropout draws from the global generator: seed it per step too
     generator = torch.Generator().manual_seed(seed)
     cond = drop_condition(cond, config.model.cond_drop, generator)
-    loss = diffusion_loss(denoiser, x0, cond, generator).mean()
+    uncertainty = config.train.loss_weighting == "uncertainty"
+    loss = diffusion_loss(denoiser, x0, cond, generator, uncertainty=uncertainty).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.train.grad_clip if config.train.grad_clip > 0 else math.inf
@@ -197,10 +209,15 @@ def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> 
 
 
 def learning_rate(t: TrainConfig, nimg: int) -> float:
-    """Linear warm-up over warmup_kimg, then constant (no dependence on the run's length)."""
-    if t.warmup_kimg <= 0:
-        return t.lr
-    return t.lr * min((nimg + t.batch) / (t.warmup_kimg * 1000), 1.0)
+    """Linear warm-up over warmup_kimg, then constant or (inv_sqrt, EDM2 eq. 16) lr / sqrt(max(nimg / t_ref, 1));
+    nimg counts the images of this step too, and nothing depends on the run's length."""
+    nimg = nimg + t.batch
+    lr = t.lr
+    if t.lr_schedule == "inv_sqrt":
+        lr /= math.sqrt(max(nimg / (t.lr_ref_kimg * 1000), 1.0))
+    if t.warmup_kimg > 0:
+        lr *= min(nimg / (t.warmup_kimg * 1000), 1.0)
+    return lr
 
 
 def batch_at(data: TrainData, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -313,7 +330,7 @@ def event_kimg(line: str) -> float | None:
 
 
 def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Module, ema: nn.Module,
-         optimizer: torch.optim.Optimizer, probe: Probe | None, fd: float | None = None) -> None:
+         phema: PowerEMA | None, optimizer: torch.optim.Optimizer, probe: Probe | None, fd: float | None = None) -> None:
     """Checkpoint the run (with the FD measured at this step, if any) and prune old checkpoints.
 
     Weights that are not finite are never written: the newest checkpoint stays the last good state.
@@ -325,6 +342,8 @@ def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Modul
     opt_tensors, opt_rest = split_optimizer_state(optimizer.state_dict())
     tensors = {"model": denoiser.net.state_dict(), "ema": ema.net.state_dict(), "optimizer": opt_tensors}
     state = {"step": step, "nimg": nimg, "optimizer": opt_rest} | ({"fd": fd} if fd is not None else {})
+    if phema:
+        tensors["phema"], state["phema"] = phema.state_dict()
     if probe:
         probe_opt_tensors, state["probe_optimizer"] = split_optimizer_state(probe.optimizer.state_dict())
         tensors |= {"probe": probe.state_dict(), "probe_optimizer": probe_opt_tensors}
@@ -332,8 +351,8 @@ def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Modul
     prune_checkpoints(run_dir, config.train.keep_checkpoints)
 
 
-def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer,
-            probe: Probe | None, log) -> int:
+def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, phema: PowerEMA | None,
+            optimizer: torch.optim.Optimizer, probe: Probe | None, log) -> int:
     """Load the newest whole checkpoint of the run, if any; returns the images seen (0 if none).
 
     A checkpoint whose config differs from the run's, or whose tensors do not fit the model, is
@@ -351,6 +370,8 @@ def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, optimizer: torch
         denoiser.net.load_state_dict(tensors["model"])
         ema.net.load_state_dict(tensors["ema"])
         optimizer.load_state_dict(join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+        if phema:
+            phema.load_state_dict(tensors["phema"], state["phema"])
         if probe and "probe" in tensors:  # a run started without a probe starts it fresh
             probe.load_state_dict(tensors["probe"])
             probe.optimizer.load_state_dict(join_optimizer_state(tensors["probe_optimizer"], state["probe_optimizer"]))
