@@ -102,7 +102,7 @@ def valid_value(key: str, draw):
     if key in CHOICES:
         allowed = {"data.name": ["fmnist"], "diffusion.process": ["vp"], "diffusion.prediction": ["v", "x0"],
                    "model.net": ["unet"], "sample.sampler": ["ddim", "ddpm", "heun"],
-                   "train.loss_weighting": ["uniform"]}.get(key, list(CHOICES[key]))
+                   "train.loss_weighting": ["uniform"], "distill.method": ["none"]}.get(key, list(CHOICES[key]))
         return draw(st.sampled_from(allowed))
     if key == "model.channels":  # fmnist-tiny attends at level 1: keep 2 or 3 levels
         return draw(st.lists(st.integers(1, 32).map(lambda c: 8 * c), min_size=2, max_size=3))
@@ -116,9 +116,13 @@ def valid_value(key: str, draw):
         return draw(st.floats(0, 0.9999))
     if key == "sample.S_churn":  # the churn of heun only: fmnist-tiny samples with ddim
         return 0.0
+    if key in ("distill.dm_t_min", "distill.dm_t_max"):  # min below the default max 0.98, max above min 0.02
+        return draw(st.floats(0, 0.97) if key.endswith("min") else st.floats(0.03, 1))
     kind = type(getattr(getattr(load_config("fmnist-tiny"), key.split(".")[0]), key.split(".")[1]))
     if kind is bool:
         return draw(st.booleans())
+    if kind is str:  # a free string (distill.teacher, recorded by `diffuse distill`)
+        return draw(st.text(string.ascii_letters, max_size=8))
     low = 0 if key in NONNEGATIVE else 1e-9 if key in POSITIVE else None
     high = 1 if key in PROBABILITY else None
     if kind is int:

@@ -1,4 +1,4 @@
-"""The `diffuse` command: train, sample, eval, ema, doctor.
+"""The `diffuse` command: train, sample, eval, distill, ema, doctor.
 
 Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback;
 a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`).
@@ -26,6 +26,7 @@ from diffuse.images import load_npz, rows_by_label, save_grid, save_npz, save_sc
 from diffuse.metrics.fmnist_fd import evaluate_images
 from diffuse.metrics.superres import evaluate_superres, first_of_each_class, panel
 from diffuse.process import SPACINGS
+from diffuse.distill import distill, student_config
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.report import ema_sweep_plot, write_report
 from diffuse.sampling import SAMPLERS, sample
@@ -89,6 +90,16 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(run=cmd_eval)
 
+    p = sub.add_parser("distill", help="distill a trained run into a one-step (or few-step) generator: DMD, DMD2")
+    p.add_argument("teacher", metavar="TEACHER_RUN", help="the trained teacher's run directory")
+    p.add_argument("--preset", default="dmd2", help="dmd or dmd2 (default), or their -tiny versions")
+    p.add_argument("--config", help="a TOML file with [distill], [train] and [sample] sections")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a distill.*, train.* or sample.* key")
+    p.add_argument("--out", required=True, help="the student's run directory (re-running resumes it)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_distill)
+
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length from a run's snapshots, or sweep FD")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with train.ema = \"power\"")
     p.add_argument("--sigma-rel", type=float, help="the EMA length to reconstruct into --out")
@@ -144,7 +155,28 @@ def pick_device(name: str) -> torch.device:
 
 def cmd_train(args) -> None:
     config = load_config(args.preset, args.config, args.set)
+    if config.distill.method != "none":
+        raise UserError(f"distill.method '{config.distill.method}' is for `diffuse distill TEACHER_RUN`; "
+                        "`diffuse train` trains a model from scratch.")
     train(config, Path(args.out), device=pick_device(args.device))
+
+
+def cmd_distill(args) -> None:
+    """The student's config is the teacher's, with the preset's [distill], [train] and [sample] on top."""
+    teacher_dir = Path(args.teacher)
+    for item in args.set:
+        if item.partition("=")[0].strip().split(".")[0] not in ("distill", "train", "sample"):
+            raise UserError(f"--set {item!r}: a student takes its data, process and model from the teacher; "
+                            "set only distill.*, train.* and sample.* keys.")
+    settings = load_config(args.preset if not args.config else None, args.config, args.set)
+    if settings.distill.method == "none":
+        raise UserError("distill.method is 'none'; use --preset dmd or dmd2, or set distill.method.")
+    teacher_config, _ = load_denoiser(teacher_dir, "ema")
+    if teacher_config.distill.method != "none":
+        raise UserError(f"{teacher_dir} is itself a distilled student; distill a trained run.")
+    config = student_config(teacher_config, settings, teacher_dir)
+    validate(config)
+    distill(config, teacher_dir, Path(args.out), device=pick_device(args.device))
 
 
 def cmd_sample(args) -> None:

@@ -92,7 +92,8 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"             # ddim | ddpm | euler (flow only) | heun (EDM, any process)
+    sampler: str = "ddim"             # ddim | ddpm | euler (flow only) | heun (EDM, any process) | renoise
+                                      # (a distilled few-step generator: x0_hat noised afresh each step)
     steps: int = 25
     spacing: str = "trailing"         # trailing | leading | linspace
     eta: float = 0.0
@@ -109,12 +110,32 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """`diffuse distill`: DMD (Yin et al. 2023) and DMD2 (Yin et al. 2024). The student's [train]
+    section sets its length, batch, learning rate (generator and fake score alike) and logging."""
+    method: str = "none"              # none (a trained model) | dmd | dmd2
+    teacher: str = ""                 # the teacher's run directory, as given to `diffuse distill`
+    generator_steps: int = 1          # 1: one-step; k > 1: k-step generator trained with backward simulation
+    gen_every: int = 1                # the generator steps every gen_every-th iteration, the fake score every one
+                                      # (DMD2's two-time-scale update: 5)
+    regression: float = 0.0           # dmd: weight of the regression loss on teacher noise-image pairs (paper: 0.25)
+    pairs: int = 2000                 # dmd: noise-image pairs drawn by the teacher's deterministic sampler
+    pair_steps: int = 25              # dmd: the teacher sampler's steps for the pairs
+    gan_gen: float = 0.0              # dmd2: weight of the generator's GAN loss (DMD2 ImageNet: 3e-3); 0 = no GAN
+    gan_disc: float = 1e-2            # dmd2: weight of the classifier's GAN loss
+    real_cfg: float = 1.0             # guidance scale of the real score (1 = none)
+    dm_t_min: float = 0.02            # the DM loss draws its noise level from this fraction of the time grid ...
+    dm_t_max: float = 0.98            # ... to this one (1000 levels from clean to noise)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 CHOICES = {
@@ -124,7 +145,8 @@ CHOICES = {
     "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
     "diffusion.prediction": ("eps", "x0", "v", "flow", "edm"),
     "model.net": ("unet", "mp_unet", "mlp"),
-    "sample.sampler": ("ddim", "ddpm", "euler", "heun"),
+    "sample.sampler": ("ddim", "ddpm", "euler", "heun", "renoise"),
+    "distill.method": ("none", "dmd", "dmd2"),
     "sample.spacing": ("trailing", "leading", "linspace"),
     "train.nonfinite": ("stop", "skip"),
     "train.lr_schedule": ("constant", "inv_sqrt"),
@@ -134,10 +156,13 @@ CHOICES = {
 POSITIVE = {"data.factor", "diffusion.sigma_data", "diffusion.P_std", "diffusion.sigma_min", "diffusion.sigma_max",
             "diffusion.rho", "train.lr_ref_kimg", "train.ema_snapshot_kimg", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
             "train.grid_kimg", "train.checkpoint_kimg", "train.keep_checkpoints", "train.fd_n", "train.fd_steps",
-            "model.blocks", "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch"}
+            "model.blocks", "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch",
+            "distill.generator_steps", "distill.gen_every", "distill.pairs", "distill.pair_steps"}
 NONNEGATIVE = {"train.warmup_kimg", "train.weight_decay", "train.grad_clip", "train.seed", "train.threads",
-               "train.probe_kimg", "train.fd_kimg", "sample.cfg", "sample.S_churn"}
-PROBABILITY = {"train.adam_beta2", "model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta"}
+               "train.probe_kimg", "train.fd_kimg", "sample.cfg", "sample.S_churn", "distill.regression",
+               "distill.gan_gen", "distill.gan_disc", "distill.real_cfg"}
+PROBABILITY = {"train.adam_beta2", "model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta",
+               "distill.dm_t_min", "distill.dm_t_max"}
 # Keys a resumed run may change: how long to train, how often to log, probe and measure, how to sample.
 RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.checkpoint_kimg",
                      "train.keep_checkpoints", "train.threads", "train.probe_kimg", "train.fd_", "train.nonfinite",
@@ -300,6 +325,13 @@ def validate(config: Config) -> None:
         raise UserError("train.loss_weighting 'uncertainty' needs the log-variance head of model.net 'mp_unet'.")
     if t.ema == "power" and (not t.ema_sigma_rels or not all(0 < r < 0.2887 for r in t.ema_sigma_rels)):
         raise UserError(f"train.ema_sigma_rels {t.ema_sigma_rels} must be one or more values in (0, 0.2887).")
+    dist = config.distill
+    if dist.dm_t_min >= dist.dm_t_max:
+        raise UserError(f"distill.dm_t_min {dist.dm_t_min:g} must be below distill.dm_t_max {dist.dm_t_max:g}.")
+    if dist.method == "dmd" and dist.gan_gen > 0:
+        raise UserError("distill.gan_gen is DMD2's GAN term; use distill.method 'dmd2' for it.")
+    if dist.method == "dmd2" and dist.regression > 0:
+        raise UserError("distill.regression is DMD's loss on teacher pairs, which DMD2 drops; use method 'dmd'.")
     if s.S_churn > 0 and s.sampler != "heun":
         raise UserError(f"sample.S_churn {s.S_churn:g} is the heun sampler's churn; set sample.sampler = 'heun' or leave it 0.")
     if d.prediction == "flow" and d.process != "flow":

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from diffuse.denoiser import append_dims
 from diffuse.errors import UserError
 
-SAMPLERS = ("ddim", "ddpm", "euler", "heun")
+SAMPLERS = ("ddim", "ddpm", "euler", "heun", "renoise")
 Noise = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -88,6 +88,20 @@ def euler(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *,
     for t, t_prev in _steps(times, progress):
         x0, eps = denoiser(x, torch.full((len(x),), t, device=x.device), cond)
         x = x + (t_prev - t) * (eps - x0)
+    return x
+
+
+@torch.no_grad()
+def renoise(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *, noise: Noise,
+            progress: bool = False) -> torch.Tensor:
+    """Few-step generation (consistency models, DMD2's multi-step generator): each step predicts x0_hat
+    and noises it afresh to the next time, x_prev = alpha_prev * x0_hat + sigma_prev * z; the last
+    step returns x0_hat. One step is x0_hat of the first time, exactly DDIM's single step."""
+    process = denoiser.process
+    for t, t_prev in _steps(times, progress):
+        x0, _ = denoiser(x, torch.full((len(x),), t, device=x.device), cond)
+        alpha_prev, sigma_prev = _coefficients(process, t_prev)
+        x = alpha_prev * x0 + sigma_prev * noise(x) if sigma_prev > 0 else x0
     return x
 
 
@@ -226,6 +240,8 @@ def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seed
         elif sampler == "heun":
             x = heun(model, x, times, y, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
                      noise=noise)
+        elif sampler == "renoise":
+            x = renoise(model, x, times, y, noise=noise)
         else:
             x = euler(model, x, times, y)
         out.append(x.cpu())

@@ -351,6 +351,20 @@ def save(run_dir: Path, step: int, nimg: int, config: Config, denoiser: nn.Modul
     prune_checkpoints(run_dir, config.train.keep_checkpoints)
 
 
+def newest_checkpoint_of_run(run_dir: Path, log) -> tuple[Path, dict, dict] | None:
+    """(path, tensors, state) of the run's newest whole checkpoint, or None; one written with
+    another config than the run's is refused with a sentence naming it."""
+    path = latest_checkpoint(run_dir, report=log)
+    if path is None:
+        return None
+    saved, tensors, state = load_checkpoint(path)
+    conflicts = resume_conflicts(saved, read_config(run_dir / "config.toml"))
+    if conflicts:
+        raise UserError(f"checkpoint {path} was written with other settings than {run_dir / 'config.toml'} "
+                        f"({', '.join(conflicts)} differ); it belongs to another run: move it away.")
+    return path, tensors, state
+
+
 def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, phema: PowerEMA | None,
             optimizer: torch.optim.Optimizer, probe: Probe | None, log) -> int:
     """Load the newest whole checkpoint of the run, if any; returns the images seen (0 if none).
@@ -358,14 +372,10 @@ def restore(run_dir: Path, denoiser: nn.Module, ema: nn.Module, phema: PowerEMA 
     A checkpoint whose config differs from the run's, or whose tensors do not fit the model, is
     refused with a sentence naming it: it belongs to another run.
     """
-    path = latest_checkpoint(run_dir, report=log)
-    if path is None:
+    found = newest_checkpoint_of_run(run_dir, log)
+    if found is None:
         return 0
-    saved, tensors, state = load_checkpoint(path)
-    conflicts = resume_conflicts(saved, read_config(run_dir / "config.toml"))
-    if conflicts:
-        raise UserError(f"checkpoint {path} was written with other settings than {run_dir / 'config.toml'} "
-                        f"({', '.join(conflicts)} differ); it belongs to another run: move it away.")
+    path, tensors, state = found
     try:
         denoiser.net.load_state_dict(tensors["model"])
         ema.net.load_state_dict(tensors["ema"])

@@ -1,0 +1,439 @@
+"""DMD and DMD2: distill a trained teacher into a one-step (or few-step) generator.
+
+Three denoisers share the teacher's architecture, process and parameterization:
+- real: the teacher, frozen; its x0_hat stands for the data's score;
+- fake: a copy of the teacher, trained on the generator's (detached) samples over the whole noise
+  range with the teacher's own diffusion loss, so it tracks the score of what the generator makes;
+- generator: a copy too, used as G(z, y) = x0_hat(sigma_T z, T, y) at the first time of its sampling
+  schedule (several times for a k-step generator, x0_hat noised afresh in between: `sampling.renoise`).
+
+Generator turn (every gen_every-th iteration; Yin et al. 2023, eq. 7; DMD2 code, REFERENCE 1.6):
+  t from the middle 96% of a 1000-level time grid, x_t = alpha x + sigma n, without gradient
+  p_real = x - x0_real(x_t), p_fake = x - x0_fake(x_t), g = (p_real - p_fake) / mean|p_real| per sample,
+  loss = 0.5 MSE(x, sg(x - g)): its gradient on x is g / numel, and no gradient reaches either score net.
+  DMD adds a regression loss on the teacher's (noise, image) pairs (the paper's LPIPS; MSE here);
+  DMD2 drops it and adds a GAN term softplus(-D(x)), D a head on the fake score's bottleneck.
+Fake turn (every iteration): the fake score's diffusion loss on the detached generator samples,
+  plus DMD2's classifier loss softplus(D(fake)) + softplus(-D(real)) on detached, noised inputs.
+The teacher's weights never change; the generator's loss leaves the fake score (and its head)
+untouched, and the fake turn leaves the generator untouched (tests/test_distill.py checks .grad
+and bit-equality).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from diffuse.checkpoint import (join_optimizer_state, load_denoiser, prune_checkpoints, save_checkpoint,
+                                split_optimizer_state)
+from diffuse.config import Config
+from diffuse.data import load_train_data
+from diffuse.denoiser import Denoiser, append_dims
+from diffuse.errors import Diverged, Interrupted, UserError
+from diffuse.files import fsync_path
+from diffuse.losses import diffusion_loss
+from diffuse.process import EDM
+from diffuse.report import write_report
+from diffuse.sampling import Guided, ImageNoise, sample
+from diffuse.seeding import derive_seed, image_seeds
+from diffuse.train import (append_jsonl, batch_at, crossed, learning_rate, newest_checkpoint_of_run, resume_config,
+                           scaling_of, stop_requests, timed, training_fd, trim_events, write_config, write_grid)
+
+GRID = 1000  # noise levels of the DM loss's time grid, from the cleanest to pure noise
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces: time grid, generator, the two losses of each turn.
+
+
+def time_grid(process) -> torch.Tensor:
+    """The process's GRID sampling times (GRID,), ascending from the cleanest to pure noise: the
+    timestep indices of DMD2's grid (for EDM its Karras grid flipped, for VP the 1000 DDPM steps)."""
+    return torch.tensor(process.sampling_times(GRID, "trailing")[-2::-1])
+
+
+def generator_times(process, steps: int) -> list:
+    """The generator's times, noisiest first, then the clean end (4 steps of VP: 999, 749, 499, 249, -1)."""
+    return process.sampling_times(steps, "trailing")
+
+
+def generate(generator: Denoiser, z: torch.Tensor, cond, times: list, k: int, rng: torch.Generator) -> torch.Tensor:
+    """x0_hat of step k (0-based) of the generator from noise z (B, ...): steps 0..k-1 run without
+    gradient (backward simulation, DMD2), step k with the gradient of the generator's mode."""
+    def at(t):
+        return torch.full((len(z),), t, device=z.device)
+
+    alpha, sigma = (s.item() for s in generator.process.alpha_sigma(at(times[0])[:1]))
+    x = sigma * z  # x_T = alpha_T * 0 + sigma_T * z, as `sampling.sample` starts
+    training = generator.training
+    with torch.no_grad():
+        generator.eval()
+        for i in range(k):
+            x0 = generator(x, at(times[i]), cond)[0]
+            alpha, sigma = (s.item() for s in generator.process.alpha_sigma(at(times[i + 1])[:1]))
+            x = alpha * x0 + sigma * torch.randn(z.shape, generator=rng).to(z)
+    generator.train(training)
+    return generator(x, at(times[k]), cond)[0]
+
+
+def noise_at(process, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    alpha, sigma = process.alpha_sigma(t)
+    return append_dims(alpha, x) * x + append_dims(sigma, x) * eps
+
+
+@torch.no_grad()
+def dm_gradient(real: nn.Module, fake: Denoiser, x: torch.Tensor, cond, t: torch.Tensor,
+                eps: torch.Tensor) -> torch.Tensor:
+    """The distribution-matching gradient g (B, ...) at generator samples x (B, ...), noised to t (B,)
+    with eps: (p_real - p_fake) / mean|p_real| per sample; no gradient flows anywhere."""
+    x_t = noise_at(fake.process, x, t, eps)
+    p_real = x - real(x_t, t, cond)[0]
+    p_fake = x - fake(x_t, t, cond)[0]
+    # g = (p_real - p_fake) / mean_{C,H,W} |p_real|
+    g = (p_real - p_fake) / p_real.abs().flatten(1).mean(1).reshape(-1, *[1] * (x.ndim - 1))
+    return torch.nan_to_num(g)
+
+
+def dm_loss(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """0.5 MSE(x, sg(x - g)): its gradient on x is g / x.numel(), its value 0.5 mean(g^2)."""
+    return 0.5 * F.mse_loss(x, (x - g).detach())
+
+
+class GANHead(nn.Module):
+    """DMD2's classifier on the fake score's bottleneck features: (B, C, h, w) or (B, C) -> logits (B,)."""
+
+    def __init__(self, channels: int, spatial: bool):
+        super().__init__()
+        groups = math.gcd(32, channels)
+        if spatial:
+            self.body = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels),
+                                      nn.SiLU())
+        else:
+            self.body = nn.Sequential(nn.Linear(channels, channels), nn.SiLU())
+        self.out = nn.Linear(channels, 1)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        h = self.body(h.float())
+        h = h.mean(dim=(2, 3)) if h.ndim == 4 else h
+        return self.out(h)[:, 0]
+
+
+def bottleneck_logits(fake: Denoiser, head: GANHead, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """The head's logits (B,) on the fake score's bottleneck for the noisy x_t (B, ...)."""
+    captured = []
+    hook = fake.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        fake.raw(x_t, t, cond)
+    finally:
+        hook.remove()
+    return head(captured[0])
+
+
+def make_head(fake: Denoiser, example: torch.Tensor, cond) -> GANHead:
+    """A GAN head sized to the fake score's bottleneck, found by one forward pass on `example` (1, ...)."""
+    captured = []
+    hook = fake.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
+    try:
+        with torch.no_grad():
+            fake.eval()
+            t = time_grid(fake.process)[GRID // 2].expand(1).to(example.device)
+            fake.raw(example, t, cond)
+    finally:
+        hook.remove()
+    h = captured[0]
+    return GANHead(h.shape[1], spatial=h.ndim == 4).to(example.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# One iteration: the generator's turn, then the fake score's.
+
+
+@dataclass
+class Distillation:
+    real: nn.Module                      # the frozen teacher (wrapped in CFG where real_cfg != 1)
+    fake: Denoiser
+    generator: Denoiser
+    head: GANHead | None                 # DMD2's classifier, when its GAN term is on
+    gen_opt: torch.optim.Optimizer
+    fake_opt: torch.optim.Optimizer      # the fake score and the head
+    grid: torch.Tensor                   # (GRID,) ascending times
+    times: list                          # the generator's times
+    pairs: dict[str, torch.Tensor] | None = None  # DMD: noise "z", "cond", teacher images "x"
+
+
+def start_distillation(teacher: Denoiser, config: Config, example: torch.Tensor, cond) -> Distillation:
+    """Generator and fake score start from the teacher; the teacher is frozen."""
+    d, t = config.distill, config.train
+    teacher = teacher.eval().requires_grad_(False)
+    fake, generator = copy.deepcopy(teacher).requires_grad_(True), copy.deepcopy(teacher).requires_grad_(True)
+    real = Guided(teacher, d.real_cfg, 0.0) if d.real_cfg != 1 else teacher
+    head = make_head(fake, example, cond) if d.gan_gen > 0 else None
+
+    def adamw(params):  # DMD2: AdamW (0.9, 0.999), weight decay 0.01
+        return torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), weight_decay=0.01)
+
+    fake_params = list(fake.parameters()) + (list(head.parameters()) if head else [])
+    return Distillation(real, fake, generator, head, adamw(generator.parameters()), adamw(fake_params),
+                        time_grid(teacher.process).to(example.device), generator_times(teacher.process,
+                                                                                        d.generator_steps))
+
+
+def dm_times(dist: Distillation, n: int, config: Config, rng: torch.Generator) -> torch.Tensor:
+    d = config.distill
+    index = torch.randint(int(d.dm_t_min * GRID), int(d.dm_t_max * GRID), (n,), generator=rng)
+    return dist.grid[index.to(dist.grid.device)]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, params, clip: float) -> float:
+    """Clip the gradient norm, step unless it is not finite; returns the norm before clipping."""
+    norm = nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf).item()
+    if math.isfinite(norm):
+        optimizer.step()
+    return norm
+
+
+def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config, rng: torch.Generator,
+                   pair_index: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """One generator update; returns (its losses, the generated x0_hat detached)."""
+    d = config.distill
+    scores = [dist.fake] + ([dist.head] if dist.head else [])
+    for module in scores:  # the generator's loss must not reach the fake score or its head
+        module.requires_grad_(False)
+    k = int(torch.randint(0, len(dist.times) - 1, (1,), generator=rng)) if len(dist.times) > 2 else 0
+    dist.generator.train()
+    x = generate(dist.generator, z, cond, dist.times, k, rng)
+    t = dm_times(dist, len(x), config, rng)
+    eps = torch.randn(x.shape, generator=rng).to(x)
+    dist.fake.eval()
+    g = dm_gradient(dist.real, dist.fake, x, cond, t, eps)
+    losses = {"dm": dm_loss(x, g)}
+    if d.regression > 0 and dist.pairs is not None and pair_index is not None:
+        p = {k_: v[pair_index.to(v.device)] for k_, v in dist.pairs.items()}
+        x_pair = generate(dist.generator, p["z"], p["cond"], dist.times, 0, rng)
+        losses["regression"] = d.regression * F.mse_loss(x_pair, p["x"])
+    if dist.head is not None:
+        t_gan = dm_times(dist, len(x), config, rng)
+        x_t = noise_at(dist.fake.process, x, t_gan, torch.randn(x.shape, generator=rng).to(x))
+        losses["gan_gen"] = d.gan_gen * F.softplus(-bottleneck_logits(dist.fake, dist.head, x_t, t_gan, cond)).mean()
+    total = sum(losses.values())
+    dist.gen_opt.zero_grad(set_to_none=True)
+    total.backward()
+    norm = clipped_step(dist.gen_opt, dist.generator.parameters(), config.train.grad_clip)
+    dist.gen_opt.zero_grad(set_to_none=True)  # DMD2 zeroes both optimizers after the generator's step
+    dist.fake_opt.zero_grad(set_to_none=True)
+    for module in scores:
+        module.requires_grad_(True)
+    return {k_: v.item() for k_, v in losses.items()} | {"gen_grad_norm": norm}, x.detach()
+
+
+def fake_turn(dist: Distillation, x_gen: torch.Tensor, cond, x_real: torch.Tensor, cond_real, config: Config,
+              rng: torch.Generator) -> dict:
+    """One update of the fake score (and the GAN head) on detached generator samples."""
+    x_gen = x_gen.detach()
+    dist.fake.train()
+    dist.fake_opt.zero_grad(set_to_none=True)
+    loss = diffusion_loss(dist.fake, x_gen, cond, rng).mean()  # the teacher's own loss, its training density
+    loss.backward()
+    out = {"fake": loss.item()}
+    if dist.head is not None:
+        # one forward over fake and real samples: the MP U-Net allows one training pass per backward
+        x = torch.cat([x_gen, x_real.detach()])
+        c = torch.cat([cond, cond_real]) if cond is not None else None
+        t = dm_times(dist, len(x), config, rng)
+        x_t = noise_at(dist.fake.process, x, t, torch.randn(x.shape, generator=rng).to(x))
+        logits = bottleneck_logits(dist.fake, dist.head, x_t, t, c)
+        fake_logits, real_logits = logits[:len(x_gen)], logits[len(x_gen):]
+        disc = config.distill.gan_disc * (F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean())
+        disc.backward()
+        out["gan_disc"] = disc.item()
+    params = [p for group in dist.fake_opt.param_groups for p in group["params"]]
+    out["fake_grad_norm"] = clipped_step(dist.fake_opt, params, config.train.grad_clip)
+    dist.fake_opt.zero_grad(set_to_none=True)
+    return out
+
+
+@torch.no_grad()
+def sample_generator(dist: Distillation, z: torch.Tensor, cond, rng: torch.Generator) -> torch.Tensor:
+    """A generator sample for an iteration without a generator turn (the last step of the schedule)."""
+    k = int(torch.randint(0, len(dist.times) - 1, (1,), generator=rng)) if len(dist.times) > 2 else 0
+    dist.generator.eval()
+    return generate(dist.generator, z, cond, dist.times, k, rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: like `diffuse.train.train`, with three networks.
+
+
+def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torch.device = "cpu",
+            progress: bool | None = None, log=print) -> Path:
+    """Distill (or resume distilling) the teacher run into the student run in `run_dir`."""
+    run_dir, t, d = Path(run_dir), config.train, config.distill
+    progress = sys.stderr.isatty() if progress is None else progress
+    config = resume_config(run_dir, config)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    _, teacher = load_denoiser(Path(teacher_dir), "ema", device)
+    data = load_train_data(config.data, scaling_of(config), seed=t.seed)
+    write_config(run_dir, config)
+    data.x, data.y, data.cond = data.x.to(device), data.y.to(device), data.cond.to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(t.seed, "init"))
+        dist = start_distillation(teacher, config, data.x[:1], data.cond[:1])
+    if d.regression > 0:
+        dist.pairs = teacher_pairs(run_dir, teacher, config, data, log)
+    nimg = restore(run_dir, dist, log)
+    log(f"distilling {teacher_dir} ({d.method}, {d.generator_steps}-step generator): "
+        f"{'resuming at' if nimg else 'starting at'} {nimg / 1000:g} kimg of {t.kimg:g}")
+
+    total, metrics = round(t.kimg * 1000), run_dir / "metrics.jsonl"
+    trim_events(metrics, nimg)
+    window: dict[str, list[float]] = {}
+    seconds = 0.0
+    bar = tqdm(total=total, initial=min(nimg, total), unit="img", desc="distilling", disable=not progress)
+    with stop_requests() as stop:
+        while nimg < total:
+            start = time.perf_counter()
+            step = nimg // t.batch
+            rng = torch.Generator().manual_seed(derive_seed(t.seed, "distill", step))
+            torch.manual_seed(derive_seed(t.seed, "dropout", step))
+            x_real, cond, _ = batch_at(data, step, t.batch, t.seed)
+            z = torch.randn(x_real.shape, generator=rng).to(x_real)
+            lr = learning_rate(t, nimg)
+            set_lr(dist.gen_opt, lr)
+            set_lr(dist.fake_opt, lr)
+            out = {}
+            if step % d.gen_every == 0:
+                pair_index = (torch.randint(0, len(dist.pairs["z"]), (t.batch,), generator=rng)
+                              if dist.pairs is not None else None)
+                out, x_gen = generator_turn(dist, z, cond, config, rng, pair_index)
+            else:
+                x_gen = sample_generator(dist, z, cond, rng)
+            out |= fake_turn(dist, x_gen, cond, x_real, cond, config, rng)
+            if not all(math.isfinite(v) for v in out.values()):
+                raise Diverged(f"step {step + 1} had non-finite losses {out}; the newest checkpoint holds the last "
+                               "good state; lower train.lr.")
+            for key, value in out.items():
+                window.setdefault(key, []).append(value)
+            seconds += time.perf_counter() - start
+            before, nimg = nimg, nimg + t.batch
+            where = {"step": step + 1, "kimg": nimg / 1000}
+            bar.update(t.batch)
+            done = nimg >= total
+            fd_due = t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done)
+            logged = crossed(before, nimg, t.log_kimg) or done
+            if logged:
+                means = {k: sum(v) / len(v) for k, v in window.items()}
+                images = sum(len(v) for k, v in window.items() if k == "fake") * t.batch
+                append_jsonl(metrics, {"event": "train", **where, "lr": lr, "loss": means.get("fake", math.nan),
+                                       **{k if k.endswith("grad_norm") else f"loss_{k}": v for k, v in means.items()},
+                                       "img_per_s": images / max(seconds, 1e-9), "train_seconds": seconds})
+                window, seconds = {}, 0.0
+            dist.generator.eval()
+            if crossed(before, nimg, t.grid_kimg) or done:
+                path = run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png"
+                append_jsonl(metrics, {"event": "grid", **where, "seconds": timed(write_grid, dist.generator, config,
+                                                                                  data, path)})
+            fd = training_fd(dist.generator, config, data) if fd_due else None
+            if fd:
+                append_jsonl(metrics, {"event": "fd", **where, **fd})
+            if crossed(before, nimg, t.checkpoint_kimg) or done or fd or stop.requested:
+                save(run_dir, step + 1, nimg, config, dist, fd and fd["fd"])
+            if logged:
+                write_report(run_dir)
+            if stop.requested and not done:
+                bar.close()
+                raise Interrupted(f"{stop.requested} at {nimg / 1000:g} kimg: wrote a checkpoint; re-run the "
+                                  "same command to resume.")
+    bar.close()
+    return run_dir
+
+
+def teacher_pairs(run_dir: Path, teacher: Denoiser, config: Config, data, log) -> dict[str, torch.Tensor]:
+    """DMD's regression pairs: noise z, conditions and the teacher's deterministic samples from z,
+    drawn once with the teacher's sampler (eta 0, no churn) and kept in RUN/pairs.safetensors."""
+    path = run_dir / "pairs.safetensors"
+    if path.is_file():
+        pairs = load_file(path)
+    else:
+        d, device = config.distill, data.x.device
+        start = time.perf_counter()
+        index = torch.randperm(len(data.cond), generator=torch.Generator().manual_seed(derive_seed(
+            config.train.seed, "pairs")))[:d.pairs]
+        cond = data.cond[index.to(device)]
+        seeds = image_seeds(derive_seed(config.train.seed, "pairs"), d.pairs)
+        shape = tuple(data.x.shape[1:])
+        settings = {**config.sample.sampler_args(), "sampler": "heun" if isinstance(teacher.process, EDM) else "ddim", "steps": d.pair_steps, "eta": 0.0, "S_churn": 0.0, "cfg": d.real_cfg}
+        x = sample(teacher, shape, cond, seeds, **settings)
+        z = ImageNoise(seeds)(torch.empty((len(seeds), *shape)))
+        pairs = {"z": z, "cond": cond.cpu(), "x": x}
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in pairs.items()}, tmp)
+        fsync_path(tmp)
+        tmp.replace(path)
+        log(f"teacher pairs: {d.pairs} samples of {settings['steps']} {settings['sampler']} steps "
+            f"({time.perf_counter() - start:.0f} s)")
+    return {k: v.to(data.x.device) for k, v in pairs.items()}
+
+
+def save(run_dir: Path, step: int, nimg: int, config: Config, dist: Distillation, fd: float | None) -> None:
+    """Checkpoint: the generator as `model` and `ema` (DMD keeps no EMA; `diffuse sample` reads `ema`),
+    the fake score, the head and both optimizers."""
+    for name, module in (("generator", dist.generator), ("fake score", dist.fake)):
+        if not all(torch.isfinite(p).all() for p in module.parameters()):
+            raise Diverged(f"the {name} weights at step {step} are not finite; no checkpoint was written; lower "
+                           "train.lr.")
+    gen_opt, gen_rest = split_optimizer_state(dist.gen_opt.state_dict())
+    fake_opt, fake_rest = split_optimizer_state(dist.fake_opt.state_dict())
+    tensors = {"model": dist.generator.net.state_dict(), "ema": dist.generator.net.state_dict(),
+               "optimizer": gen_opt, "fake": dist.fake.net.state_dict(), "fake_optimizer": fake_opt}
+    if dist.head is not None:
+        tensors["head"] = dist.head.state_dict()
+    state = {"step": step, "nimg": nimg, "optimizer": gen_rest, "fake_optimizer": fake_rest}
+    save_checkpoint(run_dir, step, config, tensors, state | ({"fd": fd} if fd is not None else {}))
+    prune_checkpoints(run_dir, config.train.keep_checkpoints)
+
+
+def restore(run_dir: Path, dist: Distillation, log) -> int:
+    """Load the newest whole checkpoint of the student run, if any; returns the images seen."""
+    found = newest_checkpoint_of_run(run_dir, log)
+    if found is None:
+        return 0
+    path, tensors, state = found
+    try:
+        dist.generator.net.load_state_dict(tensors["model"])
+        dist.fake.net.load_state_dict(tensors["fake"])
+        if dist.head is not None:
+            dist.head.load_state_dict(tensors["head"])
+        dist.gen_opt.load_state_dict(join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+        dist.fake_opt.load_state_dict(join_optimizer_state(tensors["fake_optimizer"], state["fake_optimizer"]))
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path} does not fit the student its config describes "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); move it away.") from None
+    return state["nimg"]
+
+
+def student_config(teacher: Config, distill_settings: Config, teacher_dir: Path) -> Config:
+    """The teacher's data, process and model with the distillation's [distill], [train], [sample]."""
+    config = copy.deepcopy(teacher)
+    config.distill, config.train, config.sample = (copy.deepcopy(distill_settings.distill),
+                                                   copy.deepcopy(distill_settings.train),
+                                                   copy.deepcopy(distill_settings.sample))
+    config.distill.teacher = str(teacher_dir)
+    config.train.probe_kimg = 0.0  # the probe watches a denoiser in training; the generator is not one
+    return config
