@@ -181,5 +181,4 @@ def build_denoiser(config) -> Denoiser:
                    attn_levels=tuple(m.attn_levels), num_classes=0 if cond_shape else num_classes,
                    emb_dim=m.emb_dim, dropout=m.dropout, cond_shape=cond_shape)
     d = config.diffusion
-    sigma_data = d.sigma_data if d.prediction == "edm" else 0.5  # only edm reads it
-    return Denoiser(net, build_process(d), d.prediction, sigma_data)
+    return Denoiser(net, build_process(d), d.prediction, d.sigma_data)  # only the edm prediction reads sigma_data

@@ -40,15 +40,16 @@ from diffuse.checkpoint import (join_optimizer_state, load_denoiser, prune_check
 from diffuse.config import Config
 from diffuse.data import load_train_data
 from diffuse.denoiser import Denoiser, append_dims
-from diffuse.errors import Diverged, Interrupted, UserError
+from diffuse.errors import Diverged, UserError
 from diffuse.files import fsync_path
 from diffuse.losses import diffusion_loss
 from diffuse.process import EDM
 from diffuse.report import write_report
 from diffuse.sampling import Guided, ImageNoise, sample
 from diffuse.seeding import derive_seed, image_seeds
-from diffuse.train import (append_jsonl, batch_at, crossed, learning_rate, newest_checkpoint_of_run, resume_config,
-                           scaling_of, stop_requests, timed, training_fd, trim_events, write_config, write_grid)
+from diffuse.train import (append_jsonl, batch_at, crossed, interruption, learning_rate, newest_checkpoint_of_run,
+                           resume_config, scaling_of, stop_requests, timed, training_fd, trim_events, write_config,
+                           write_grid)
 
 GRID = 1000  # noise levels of the DM loss's time grid, from the cleanest to pure noise
 
@@ -74,7 +75,7 @@ def generate(generator: Denoiser, z: torch.Tensor, cond, times: list, k: int, rn
     def at(t):
         return torch.full((len(z),), t, device=z.device)
 
-    alpha, sigma = (s.item() for s in generator.process.alpha_sigma(at(times[0])[:1]))
+    sigma = generator.process.alpha_sigma(at(times[0])[:1])[1].item()
     x = sigma * z  # x_T = alpha_T * 0 + sigma_T * z, as `sampling.sample` starts
     training = generator.training
     with torch.no_grad():
@@ -208,6 +209,13 @@ def clipped_step(optimizer: torch.optim.Optimizer, params, clip: float) -> float
     return norm
 
 
+def simulated_step(dist: Distillation, rng: torch.Generator) -> int:
+    """The step (0-based) of a k-step generator to train or sample now, uniform over its k steps (DMD2's
+    backward simulation); 0 for a one-step generator."""
+    steps = len(dist.times) - 1  # the times end with the clean one
+    return int(torch.randint(0, steps, (1,), generator=rng)) if steps > 1 else 0
+
+
 def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config, rng: torch.Generator,
                    pair_index: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """One generator update; returns (its losses, the generated x0_hat detached)."""
@@ -215,7 +223,7 @@ def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config, rn
     scores = [dist.fake] + ([dist.head] if dist.head else [])
     for module in scores:  # the generator's loss must not reach the fake score or its head
         module.requires_grad_(False)
-    k = int(torch.randint(0, len(dist.times) - 1, (1,), generator=rng)) if len(dist.times) > 2 else 0
+    k = simulated_step(dist, rng)
     dist.generator.train()
     x = generate(dist.generator, z, cond, dist.times, k, rng)
     t = dm_times(dist, len(x), config, rng)
@@ -270,8 +278,9 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, cond, x_real: torch.Tenso
 
 @torch.no_grad()
 def sample_generator(dist: Distillation, z: torch.Tensor, cond, rng: torch.Generator) -> torch.Tensor:
-    """A generator sample for an iteration without a generator turn (the last step of the schedule)."""
-    k = int(torch.randint(0, len(dist.times) - 1, (1,), generator=rng)) if len(dist.times) > 2 else 0
+    """A generator sample, without gradient, for an iteration without a generator turn; for a k-step
+    generator the x0_hat of a step drawn as in the generator's turn."""
+    k = simulated_step(dist, rng)
     dist.generator.eval()
     return generate(dist.generator, z, cond, dist.times, k, rng)
 
@@ -358,8 +367,7 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
                 write_report(run_dir)
             if stop.requested and not done:
                 bar.close()
-                raise Interrupted(f"{stop.requested} at {nimg / 1000:g} kimg: wrote a checkpoint; re-run the "
-                                  "same command to resume.")
+                raise interruption(stop.requested, nimg)
     bar.close()
     return run_dir
 

@@ -125,8 +125,7 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
                 write_report(run_dir)
             if stop.requested and not done:
                 bar.close()
-                raise Interrupted(f"{stop.requested} at {nimg / 1000:g} kimg: wrote a checkpoint; re-run the "
-                                  "same command to resume.")
+                raise interruption(stop.requested, nimg)
     bar.close()
     log(overhead_line(metrics))
     return run_dir
@@ -168,6 +167,11 @@ def handle_nonfinite(policy: str, step: int, loss: float, grad_norm: float, run_
         raise Diverged(f"{what}; training stopped ({kept}); lower train.lr or set train.nonfinite = \"skip\".")
     append_jsonl(metrics, {"event": "nonfinite", **where, "loss": loss, "grad_norm": grad_norm})
     log(f"{what}; skipped it (train.nonfinite = \"skip\")")
+
+
+def interruption(signal_name: str, nimg: int) -> Interrupted:
+    """What a run stopped by a signal raises once its checkpoint is written."""
+    return Interrupted(f"{signal_name} at {nimg / 1000:g} kimg: wrote a checkpoint; re-run the same command to resume.")
 
 
 class StopRequest:
