@@ -7,6 +7,7 @@ ends bit-identical to a run that was never disturbed.
 import errno
 import importlib.util
 import json
+import os
 import random
 import signal
 import subprocess
@@ -20,7 +21,7 @@ import diffuse.checkpoint
 import diffuse.train
 from diffuse.checkpoint import latest_checkpoint, verify
 from diffuse.cli import main
-from diffuse.errors import Diverged
+from diffuse.errors import Diverged, Interrupted
 from diffuse.train import train
 
 # The drill's pieces: the toy run, the kill-at-N-th-call driver, and how a resume point is read.
@@ -93,6 +94,24 @@ def test_sigterm_and_sigint_checkpoint_exit_75_and_resume_bit_identically(straig
     proc = subprocess.run(diffuse_cmd("train", *TOY, "--out", str(run)), capture_output=True, text=True)
     assert proc.returncode == 0 and resumed_from(proc.stdout) == pytest.approx(stopped_at)
     assert_bit_identical(weights(run), weights(straight))
+
+
+def test_a_signal_after_the_save_decision_is_answered_at_the_next_step(tmp_path, tiny, monkeypatch):
+    """A SIGTERM that lands late in a step (here: while the report is written, after the step decided not
+    to checkpoint) must not stop the run before a checkpoint of the step it names is on disk."""
+    real, sent = diffuse.train.write_report, []
+
+    def write_report(run_dir):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(run_dir)
+
+    monkeypatch.setattr(diffuse.train, "write_report", write_report)
+    with pytest.raises(Interrupted, match="SIGTERM at 0.08 kimg") as stopped:
+        train(tiny("train.probe_kimg=0"), tmp_path / "run", log=lambda *a: None)
+    assert newest_whole(tmp_path / "run") == pytest.approx(0.08)  # the step after the one it landed in (0.064)
+    assert "wrote a checkpoint" in str(stopped.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -361,13 +361,14 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
             fd = training_fd(dist.generator, config, data) if fd_due else None
             if fd:
                 append_jsonl(metrics, {"event": "fd", **where, **fd})
-            if crossed(before, nimg, t.checkpoint_kimg) or done or fd or stop.requested:
+            stopping = stop.requested  # read once: a signal arriving after this waits for the next step
+            if crossed(before, nimg, t.checkpoint_kimg) or done or fd or stopping:
                 save(run_dir, step + 1, nimg, config, dist, fd and fd["fd"])
             if logged:
                 write_report(run_dir)
-            if stop.requested and not done:
+            if stopping and not done:
                 bar.close()
-                raise interruption(stop.requested, nimg)
+                raise interruption(stopping, nimg)
     bar.close()
     return run_dir
 

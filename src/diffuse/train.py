@@ -99,9 +99,10 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
             if probe and crossed(before, nimg, t.probe_kimg):
                 probe.step(denoiser, x0, cond, labels, derive_seed(t.seed, "probe", step))
             done = nimg >= total
+            stopping = stop.requested  # read once: a signal arriving later in this block waits for the next step
             grid_due = crossed(before, nimg, t.grid_kimg) or done
             fd_due = t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done)
-            save_due = crossed(before, nimg, t.checkpoint_kimg) or done or fd_due or stop.requested
+            save_due = crossed(before, nimg, t.checkpoint_kimg) or done or fd_due or stopping
             if phema and (crossed(before, nimg, t.ema_snapshot_kimg) or done):
                 phema.save_snapshots(run_dir / PHEMA_DIR, nimg)
             if phema and (grid_due or fd_due or save_due):
@@ -123,9 +124,9 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
                 save(run_dir, step + 1, nimg, config, denoiser, ema, phema, optimizer, probe, fd and fd["fd"])
             if logged:
                 write_report(run_dir)
-            if stop.requested and not done:
+            if stopping and not done:
                 bar.close()
-                raise interruption(stop.requested, nimg)
+                raise interruption(stopping, nimg)
     bar.close()
     log(overhead_line(metrics))
     return run_dir
