@@ -16,7 +16,7 @@ from diffuse.config import load_config, validate
 from diffuse.diagnostics import doctor_data, type_checks
 from diffuse.denoiser import build_denoiser
 from diffuse.errors import UserError
-from diffuse.train import learning_rate, train, train_step
+from diffuse.train import learning_rate, train, train_step, training_loss
 
 QUIET = {"log": lambda *a: None}
 
@@ -101,7 +101,7 @@ def test_uncertainty_weighting_trains_the_logvar_head_and_uniform_does_not():
         denoiser = build_denoiser(config)
         before = {k: v.clone() for k, v in denoiser.net.state_dict().items() if k.startswith("logvar")}
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-2)
-        train_step(denoiser, optimizer, data.x[:16], data.cond[:16], 1e-2, config, seed=0)
+        train_step(training_loss(denoiser, config), optimizer, data.x[:16], data.cond[:16], 1e-2, config, seed=0)
         after = denoiser.net.state_dict()
         moved[weighting] = any(not before[k].equal(after[k]) for k in before)
     assert moved == {"uncertainty": True, "uniform": False}

@@ -119,15 +119,15 @@ def test_a_signal_after_the_save_decision_is_answered_at_the_next_step(tmp_path,
 
 
 def nan_loss_at(monkeypatch, bad_steps: set[int]):
-    """Make diffusion_loss return NaN at the given (0-based) training steps."""
-    real, calls = diffuse.train.diffusion_loss, [0]
+    """Make the training loss NaN at the given (0-based) training steps."""
+    real, calls = diffuse.train.loss_at, [0]
 
     def loss(*args, **kwargs):
         out = real(*args, **kwargs)
         calls[0] += 1
         return out * float("nan") if calls[0] - 1 in bad_steps else out
 
-    monkeypatch.setattr(diffuse.train, "diffusion_loss", loss)
+    monkeypatch.setattr(diffuse.train, "loss_at", loss)
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny, monkeypatch, capsys):

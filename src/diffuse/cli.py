@@ -7,7 +7,9 @@ a diverged run exits with 3, an interrupted one with 75 after writing a checkpoi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import json
 import math
 import sys
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from diffuse import distributed
 from diffuse.checkpoint import load_checkpoint, load_denoiser, resolve_checkpoint, verify, write_checkpoint
 from diffuse.config import Config, load_config, read_config, validate
 from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, doctor_report, format_table, run_doctor, write_doctor_json
@@ -46,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return args.run(args) or 0
+        distributed.start()  # under torchrun or accelerate launch: join the other ranks
+        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+            return args.run(args) or 0  # ranks other than 0 print nothing but errors
     except (UserError, Diverged, Interrupted) as e:
         print(f"diffuse: {e}", file=sys.stderr)
         return e.exit_code
@@ -55,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"diffuse: could not read or write{where} ({e.strerror or e}); free disk space or fix the "
               "permissions and re-run: a training run resumes from its newest whole checkpoint.", file=sys.stderr)
         return 2
+    finally:
+        distributed.stop()
 
 
 def build_parser() -> ArgumentParser:
@@ -71,7 +78,8 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("sample", help="draw samples from a run or checkpoint into an .npz")
     p.add_argument("source", help="RUN_DIR or RUN_DIR/checkpoints/step-NNNNNNN")
-    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, required=True,
+                   help="number of samples (under torchrun write --num-samples: torchrun's parser claims --n)")
     add_sampler_flags(p)
     p.add_argument("--labels", default="all", help="'all' (cycle through the classes), 'none', or e.g. 0,3,7")
     p.add_argument("--seed", type=int, default=0, help="sample i uses a seed derived from (seed, i)")
@@ -83,7 +91,8 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("eval", help="FD-FMNIST and class accuracy of a samples file or a run")
     p.add_argument("source", help="samples .npz, or a RUN_DIR to sample from first")
-    p.add_argument("--n", type=int, help="samples drawn from a run (default: its sample.n_eval)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int,
+                   help="samples drawn from a run (default: its sample.n_eval); --num-samples under torchrun")
     add_sampler_flags(p)
     p.add_argument("--features", choices=("fmnist",), default="fmnist")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -109,7 +118,8 @@ def build_parser() -> ArgumentParser:
                    help="FD-FMNIST over a range of sigma_rel: RUN_DIR/ema_sweep.json and ema_sweep.svg")
     p.add_argument("--sigma-rels", default="0.02,0.03,0.05,0.07,0.10,0.13,0.16,0.20,0.25",
                    help="the sweep's values, comma-separated")
-    p.add_argument("--n", type=int, default=2000, help="samples per sigma_rel in the sweep")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=2000,
+                   help="samples per sigma_rel in the sweep; --num-samples under torchrun")
     add_sampler_flags(p)
     p.add_argument("--device", default="auto")
     p.set_defaults(run=cmd_ema)
@@ -142,12 +152,14 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """The --device, "auto" being CUDA where there is one; under a launcher each rank its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name} is not a device; use cpu, cuda or cuda:N.") from None
+    return distributed.rank_device(device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +195,8 @@ def cmd_sample(args) -> None:
     if args.n < 1:
         raise UserError(f"--n {args.n} must be at least 1.")
     config, x, labels, _ = draw(Path(args.source), args.n, args.labels, args.seed, args.weights, args)
+    if not distributed.is_main():
+        return
     if config.data.name == "toy2d":
         points = x.numpy()
         np.savez(args.out, points=points, labels=labels.numpy())
@@ -234,7 +248,8 @@ def draw(source: Path, n: int | None, labels_text: str, seed: int, weights: str,
     """(config, samples in model space, labels, sampler settings) drawn from a run or checkpoint.
 
     A super-resolution run samples from the low-res versions of the first n test images
-    (`data.eval_conditions`), and its labels are those images' classes.
+    (`data.eval_conditions`), and its labels are those images' classes. Under a launcher each rank
+    samples its block of the images and every rank gets all of them.
     """
     config, denoiser = load_denoiser(source, weights, pick_device(args.device), sigma_rel=args.ema)
     settings = sampler_settings(config, args)
@@ -247,8 +262,9 @@ def draw(source: Path, n: int | None, labels_text: str, seed: int, weights: str,
         cond, labels = eval_conditions(config.data, Scaling(config.data.mean, config.data.std), n)
     else:
         cond = labels = parse_labels(labels_text, n, num_classes)
-    x = sample(denoiser, shape, cond, image_seeds(seed, n), progress=sys.stderr.isatty(), **settings)
-    return config, x, labels, settings
+    mine = distributed.block(n)  # under a launcher each rank samples its block of the images
+    x = sample(denoiser, shape, cond[mine], image_seeds(seed, n)[mine], progress=sys.stderr.isatty(), **settings)
+    return config, distributed.gather(x, n), labels, settings
 
 
 def sampler_settings(config: Config, args) -> dict:
@@ -319,6 +335,8 @@ def cmd_ema(args) -> None:
         result = evaluate_images(Scaling(config.data.mean, config.data.std).decode(x).numpy(), labels.numpy())
         rows.append({"sigma_rel": sigma_rel, "fd": result["fd"], "accuracy": result["accuracy"]})
         print(f"sigma_rel {sigma_rel:.3f}: FD-FMNIST {result['fd']:.3f}, class accuracy {result['accuracy']:.3f}")
+    if not distributed.is_main():
+        return
     tracked = config.train.ema_sigma_rels[0]
     best = min(rows, key=lambda r: r["fd"])
     sweep = {"checkpoint": str(checkpoint), "n": args.n, **settings, "tracked_sigma_rel": tracked,

@@ -33,7 +33,7 @@ from diffuse.data import TrainData, load_train_data
 from diffuse.denoiser import Denoiser, append_dims, build_denoiser
 from diffuse.process import EDM, VPDiscrete
 from diffuse.seeding import derive_seed
-from diffuse.train import batch_at, epoch_permutation, learning_rate, scaling_of, train_step
+from diffuse.train import batch_at, epoch_permutation, learning_rate, scaling_of, train_step, training_loss
 
 TYPE_BATCH = 256          # real images for the type checks' statistics and regressions
 NET_BATCH = 128           # held-out images the network sees in the identity, leak and output checks
@@ -311,11 +311,11 @@ def train_briefly(config: Config, data: TrainData, steps: int = EARLY_STEPS, dev
     t = config.train
     denoiser = fresh_denoiser(config, device)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    history = []
+    history, model = [], training_loss(denoiser, config)
     with torch.random.fork_rng(devices=[]):  # train_step seeds the global generator
         for step in tqdm(range(steps), desc="doctor: early loss", disable=not progress):
             x0, cond, _ = batch_at(data, step, t.batch, t.seed)
-            loss, _ = train_step(denoiser, optimizer, x0, cond, learning_rate(t, step * t.batch), config,
+            loss, _ = train_step(model, optimizer, x0, cond, learning_rate(t, step * t.batch), config,
                                  derive_seed(t.seed, "step", step))
             history.append(loss)
     return denoiser.eval(), history

@@ -1,6 +1,6 @@
 """Training losses: `loss_fn(denoiser, x0, cond, generator) -> per-sample loss (B,)`.
 
-`diffusion_loss` draws (t, eps) and hands them to `loss_at`, which computes the loss for given
+`diffusion_loss` draws (t, eps) with `draw_noise` and hands them to `loss_at`, which computes the loss for given
 (t, eps) through `noised`. The doctor (`diffuse.diagnostics`) calls the same two functions with
 its own t and eps (eps = 0 for the identity check), so it checks the code that trains.
 
@@ -25,9 +25,15 @@ def diffusion_loss(denoiser: nn.Module, x0: torch.Tensor, cond: torch.Tensor | N
     Randomness comes from `generator` (on the CPU), so a step is reproducible from its seed.
     For the edm parameterization the uniform MSE on F is EDM's lambda-weighted MSE on D (eq. 8).
     """
-    t = denoiser.process.sample_train_t(len(x0), generator, x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    t, eps = draw_noise(denoiser.process, x0, generator)
     return loss_at(denoiser, x0, cond, t, eps, uncertainty=uncertainty)
+
+
+def draw_noise(process, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t (B,), eps like x0 (B, ...)) for a batch x0: t from the process's training density, eps ~ N(0, I)."""
+    t = process.sample_train_t(len(x0), generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0)
+    return t, eps
 
 
 def loss_at(denoiser: nn.Module, x0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor,

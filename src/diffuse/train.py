@@ -5,6 +5,10 @@ randomness of a step (its batch order, t, eps, condition dropout, dropout masks)
 (seed, step), so a run stopped and resumed from a checkpoint ends bit-identical to one that
 never stopped.
 
+Under `torchrun` or `accelerate launch` the same loop runs on every rank (`diffuse.distributed`):
+each trains on its block of the global batch through DDP, and rank 0 alone writes the run
+directory; the result does not depend on the number of ranks.
+
 Faults end cleanly. SIGTERM or SIGINT lets the step in flight finish, writes a checkpoint and
 raises `Interrupted`; a SIGKILL leaves at worst a torn checkpoint, which the next start skips.
 A non-finite loss or gradient never reaches the weights: the step is skipped, or training stops
@@ -26,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+
+from diffuse import distributed
 
 from diffuse.checkpoint import (join_optimizer_state, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                 save_checkpoint, split_optimizer_state)
@@ -36,7 +43,7 @@ from diffuse.denoiser import Denoiser, build_denoiser
 from diffuse.ema import PHEMA_DIR, PowerEMA, ema_beta, update_ema
 from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.images import save_grid, save_scatter
-from diffuse.losses import diffusion_loss
+from diffuse.losses import draw_noise, loss_at
 from diffuse.metrics.fmnist_fd import evaluate_images
 from diffuse.metrics.probe import Probe, fit_baseline
 from diffuse.metrics.superres import first_of_each_class, panel
@@ -49,15 +56,20 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
           log=print) -> Path:
     """Train (or resume) the run in `run_dir` until config.train.kimg thousand images; returns the run dir."""
     run_dir = Path(run_dir)
-    progress = sys.stderr.isatty() if progress is None else progress
+    main = distributed.is_main()
+    progress = main and (sys.stderr.isatty() if progress is None else progress)
+    log = log if main else silent
     config = resume_config(run_dir, config)
     t = config.train
+    distributed.check_batch(t.batch)
     if t.threads:
         torch.set_num_threads(t.threads)
     data = load_train_data(config.data, scaling_of(config), seed=t.seed)
     if data.scaling:
         config.data.mean, config.data.std = data.scaling.mean, data.scaling.std
-    write_config(run_dir, config)
+    distributed.barrier()  # every rank has read the run directory before rank 0 writes to it
+    if main:
+        write_config(run_dir, config)
     log(f"data: {data.describe()}")
     data.x, data.y, data.cond = data.x.to(device), data.y.to(device), data.cond.to(device)
 
@@ -68,14 +80,16 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
     phema = PowerEMA(denoiser.net, t.ema_sigma_rels) if t.ema == "power" else None  # ema then mirrors its first
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, betas=(0.9, t.adam_beta2),
                                   weight_decay=t.weight_decay)
-    probe = start_probe(denoiser, data, t, log) if t.probe_kimg > 0 else None  # before restore: needs the untrained net
+    probe = start_probe(denoiser, data, t, log) if t.probe_kimg > 0 and main else None  # before restore: untrained net
     nimg = restore(run_dir, denoiser, ema, phema, optimizer, probe, log)
+    model = training_loss(denoiser, config)
     log(f"model: {sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters; "
         f"{'resuming at' if nimg else 'starting at'} {nimg / 1000:g} kimg of {t.kimg:g}")
 
     total = round(t.kimg * 1000)
     metrics = run_dir / "metrics.jsonl"
-    trim_events(metrics, nimg)  # a run killed after its last checkpoint logged steps it will now redo
+    if main:
+        trim_events(metrics, nimg)  # a run killed after its last checkpoint logged steps it will now redo
     window = Window()
     bar = tqdm(total=total, initial=min(nimg, total), unit="img", desc="training", disable=not progress)
     with stop_requests() as stop:
@@ -84,7 +98,7 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
             step = nimg // t.batch
             x0, cond, labels = batch_at(data, step, t.batch, t.seed)
             lr = learning_rate(t, nimg)
-            loss, grad_norm = train_step(denoiser, optimizer, x0, cond, lr, config, derive_seed(t.seed, "step", step))
+            loss, grad_norm = train_step(model, optimizer, x0, cond, lr, config, derive_seed(t.seed, "step", step))
             before, nimg = nimg, nimg + t.batch
             where = {"step": step + 1, "kimg": nimg / 1000}
             if math.isfinite(loss) and math.isfinite(grad_norm):
@@ -94,20 +108,21 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
                     update_ema(ema, denoiser, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
                 window.add(loss, grad_norm, t.batch, time.perf_counter() - start)
             else:
-                handle_nonfinite(t.nonfinite, step, loss, grad_norm, run_dir, metrics, where, log)
+                handle_nonfinite(t.nonfinite, step, loss, grad_norm, run_dir, metrics if main else None, where, log)
             bar.update(t.batch)
             if probe and crossed(before, nimg, t.probe_kimg):
                 probe.step(denoiser, x0, cond, labels, derive_seed(t.seed, "probe", step))
             done = nimg >= total
-            stopping = stop.requested  # read once: a signal arriving later in this block waits for the next step
-            grid_due = crossed(before, nimg, t.grid_kimg) or done
+            # read once, and agreed by every rank: a signal arriving later waits for the next step
+            stopping = distributed.agree(stop.requested, device)
+            grid_due = main and (crossed(before, nimg, t.grid_kimg) or done)
             fd_due = t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done)
-            save_due = crossed(before, nimg, t.checkpoint_kimg) or done or fd_due or stopping
-            if phema and (crossed(before, nimg, t.ema_snapshot_kimg) or done):
+            save_due = main and (crossed(before, nimg, t.checkpoint_kimg) or done or fd_due or stopping)
+            if phema and main and (crossed(before, nimg, t.ema_snapshot_kimg) or done):
                 phema.save_snapshots(run_dir / PHEMA_DIR, nimg)
             if phema and (grid_due or fd_due or save_due):
                 ema.net.load_state_dict(phema.ema_state_dict(0))  # the run's EMA, for grids, FD and checkpoints
-            logged = crossed(before, nimg, t.log_kimg) or done
+            logged = main and (crossed(before, nimg, t.log_kimg) or done)
             if logged:
                 event = {"event": "train", **where, "lr": lr, **window.summary()}
                 append_jsonl(metrics, event)
@@ -117,8 +132,8 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
             if grid_due:
                 seconds = timed(write_grid, ema, config, data, run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png")
                 append_jsonl(metrics, {"event": "grid", **where, "seconds": seconds})
-            fd = training_fd(ema, config, data) if fd_due else None
-            if fd:
+            fd = training_fd(ema, config, data) if fd_due else None  # on every rank: each samples its block
+            if fd and main:
                 append_jsonl(metrics, {"event": "fd", **where, **fd})
             if save_due:
                 save(run_dir, step + 1, nimg, config, denoiser, ema, phema, optimizer, probe, fd and fd["fd"])
@@ -132,23 +147,56 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
     return run_dir
 
 
-def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.Tensor, cond: torch.Tensor,
-               lr: float, config: Config, seed: int) -> tuple[float, float]:
-    """One optimizer step on one batch; returns (loss, gradient norm before clipping).
+class BlockLoss(nn.Module):
+    """The per-sample training loss of this rank's block of a global batch, as a module so DDP can wrap it.
 
-    A non-finite loss or gradient norm skips the optimizer step, so the weights stay as they were.
+    All the batch's randomness (condition dropout, t, eps) is drawn for the whole global batch from
+    the step's generator and then sliced, so rank r's block gets exactly the draws a single process
+    gives those examples: the update does not depend on the number of ranks.
     """
-    denoiser.train()
-    torch.manual_seed(seed)  # dropout draws from the global generator: seed it per step too
-    generator = torch.Generator().manual_seed(seed)
-    cond = drop_condition(cond, config.model.cond_drop, generator)
+
+    def __init__(self, denoiser: Denoiser, cond_drop: float, uncertainty: bool):
+        super().__init__()
+        self.denoiser, self.cond_drop, self.uncertainty = denoiser, cond_drop, uncertainty
+
+    def forward(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        cond = drop_condition(cond, self.cond_drop, generator)
+        t, eps = draw_noise(self.denoiser.process, x0, generator)
+        mine = distributed.block(len(x0))
+        return loss_at(self.denoiser, x0[mine], cond[mine], t[mine], eps[mine], uncertainty=self.uncertainty)
+
+
+def training_loss(denoiser: Denoiser, config: Config) -> nn.Module:
+    """The module a training step calls: `BlockLoss`, wrapped in DistributedDataParallel under a launcher."""
     uncertainty = config.train.loss_weighting == "uncertainty"
-    loss = diffusion_loss(denoiser, x0, cond, generator, uncertainty=uncertainty).mean()
+    model = BlockLoss(denoiser, config.model.cond_drop, uncertainty)
+    if distributed.size() == 1:
+        return model
+    device = next(denoiser.parameters()).device
+    # the MP U-Net's log-variance head gets no gradient without the uncertainty loss
+    unused = hasattr(denoiser.net, "logvar") and not uncertainty
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=unused)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, cond: torch.Tensor,
+               lr: float, config: Config, seed: int) -> tuple[float, float]:
+    """One optimizer step on one global batch (x0, cond); returns (loss, gradient norm before clipping).
+
+    model: from `training_loss`; under DDP it computes this rank's block and averages the gradients.
+    The loss returned is the global batch's mean on every rank. A non-finite loss or gradient norm
+    skips the optimizer step, so the weights stay as they were.
+    """
+    model.train()
+    rank = distributed.rank()  # dropout draws from the global generator: seed it per step (and rank) too
+    torch.manual_seed(seed if rank == 0 else derive_seed(seed, "rank", rank))
+    generator = torch.Generator().manual_seed(seed)
+    loss = model(x0, cond, generator).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.train.grad_clip if config.train.grad_clip > 0 else math.inf
-    grad_norm = nn.utils.clip_grad_norm_(denoiser.parameters(), clip)
-    loss, grad_norm = loss.item(), grad_norm.item()
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), clip)  # of the averaged gradient: the same on every rank
+    loss, grad_norm = distributed.mean(loss.item(), x0.device), grad_norm.item()
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm
@@ -158,7 +206,7 @@ def train_step(denoiser: Denoiser, optimizer: torch.optim.Optimizer, x0: torch.T
     return loss, grad_norm
 
 
-def handle_nonfinite(policy: str, step: int, loss: float, grad_norm: float, run_dir: Path, metrics: Path,
+def handle_nonfinite(policy: str, step: int, loss: float, grad_norm: float, run_dir: Path, metrics: Path | None,
                      where: dict, log) -> None:
     """A step whose loss or gradient was not finite (its update was skipped): log it, or stop."""
     what = f"step {step + 1} had loss {loss} and gradient norm {grad_norm}"
@@ -166,7 +214,8 @@ def handle_nonfinite(policy: str, step: int, loss: float, grad_norm: float, run_
         newest = latest_checkpoint(run_dir, report=lambda *_: None)
         kept = f"the newest checkpoint, {newest.name}, holds the last good state" if newest else "no checkpoint was written"
         raise Diverged(f"{what}; training stopped ({kept}); lower train.lr or set train.nonfinite = \"skip\".")
-    append_jsonl(metrics, {"event": "nonfinite", **where, "loss": loss, "grad_norm": grad_norm})
+    if metrics:  # None on ranks other than 0
+        append_jsonl(metrics, {"event": "nonfinite", **where, "loss": loss, "grad_norm": grad_norm})
     log(f"{what}; skipped it (train.nonfinite = \"skip\")")
 
 
@@ -204,6 +253,10 @@ def stop_requests():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def silent(*args, **kwargs) -> None:
+    """The log of ranks other than 0."""
 
 
 def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
@@ -413,13 +466,16 @@ def start_probe(denoiser: Denoiser, data: TrainData, t: TrainConfig, log) -> Pro
 
 
 def training_fd(ema: Denoiser, config: Config, data: TrainData) -> dict:
-    """FD-FMNIST of fd_n EMA samples: fixed seeds (the same noise each time), fd_steps steps, no guidance."""
+    """FD-FMNIST of fd_n EMA samples: fixed seeds (the same noise each time), fd_steps steps, no guidance.
+    Under a launcher each rank samples its block of the images and the feature sums are added up."""
     start = time.perf_counter()
     t = config.train
     cond, labels = eval_conditions(config.data, data.scaling, t.fd_n)
     settings = {**config.sample.sampler_args(), "steps": t.fd_steps, "cfg": 1.0}
-    x = sample(ema, tuple(data.x.shape[1:]), cond, image_seeds(derive_seed(t.seed, "fd"), t.fd_n), **settings)
-    result = evaluate_images(data.scaling.decode(x), labels, device=data.x.device)
+    mine = distributed.block(t.fd_n)
+    seeds = image_seeds(derive_seed(t.seed, "fd"), t.fd_n)[mine]
+    x = sample(ema, tuple(data.x.shape[1:]), cond[mine], seeds, **settings)
+    result = evaluate_images(data.scaling.decode(x), labels[mine], device=data.x.device, across_ranks=True)
     return {"fd": result["fd"], "accuracy": result["accuracy"], "n": t.fd_n, "steps": t.fd_steps,
             "seconds": time.perf_counter() - start}
 

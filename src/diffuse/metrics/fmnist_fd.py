@@ -9,6 +9,7 @@ import functools
 import numpy as np
 import torch
 
+from diffuse import distributed
 from diffuse.data import load_fmnist
 from diffuse.errors import UserError
 from diffuse.metrics.fd import FeatureStats, frechet_distance
@@ -33,27 +34,38 @@ def reference_stats(device: str | torch.device = "cpu") -> FeatureStats:
 
 
 def evaluate_images(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray | None = None,
-                    device: str | torch.device = "cpu") -> dict:
+                    device: str | torch.device = "cpu", across_ranks: bool = False) -> dict:
     """FD-FMNIST of uint8 images (N, 28, 28, 1) or (N, 28, 28), with N >= 2.
 
     labels: int (N,), the class each image was asked to be, -1 for unconditional ones; or None.
+    across_ranks: the images are this rank's block of the set (`diffuse.distributed`); the feature
+    sums and the accuracy counts are added over the ranks, and every rank gets the whole set's result.
     Returns {"fd": float, "n": N, "n_ref": 10000, "accuracy": float or None}, where accuracy is
     the fraction of the images with a label >= 0 that the classifier puts in that class.
     """
-    images = _check_images(images)
+    images = _check_images(images, at_least=1 if across_ranks else 2)
     labels = _check_labels(labels, len(images))  # before the slow part
     device = str(torch.device(device))
     features, logits = _net(device).features_and_logits(images)
+    stats = FeatureStats.of(features)
+    correct, counted = _hits(logits, labels)
+    if across_ranks:
+        sums = distributed.all_sum(np.concatenate([[stats.n, correct, counted], stats.sum, stats.sum_outer.ravel()]),
+                                   torch.device(device))
+        (n, correct, counted), dim = sums[:3].round().astype(int), stats.dim
+        stats = FeatureStats(int(n), sums[3:3 + dim], sums[3 + dim:].reshape(dim, dim))
+        if stats.n < 2:
+            raise UserError(f"FD-FMNIST needs at least 2 images to fit a covariance; got {stats.n}.")
     ref = _reference_stats(device)
     return {
-        "fd": frechet_distance(FeatureStats.of(features), ref),
-        "n": len(images),
+        "fd": frechet_distance(stats, ref),
+        "n": stats.n,
         "n_ref": ref.n,
-        "accuracy": _accuracy(logits, labels),
+        "accuracy": correct / counted if counted else None,
     }
 
 
-def _check_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+def _check_images(images: torch.Tensor | np.ndarray, at_least: int = 2) -> torch.Tensor:
     """uint8 (N, 28, 28, 1) or (N, 28, 28) -> uint8 tensor (N, 28, 28, 1); UserError otherwise."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
@@ -64,7 +76,7 @@ def _check_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
         images = images.unsqueeze(-1)
     if images.ndim != 4 or tuple(images.shape[1:]) != (28, 28, 1):
         raise UserError(f"FD-FMNIST needs images of shape (N, 28, 28, 1); got {tuple(images.shape)}.")
-    if len(images) < 2:
+    if len(images) < at_least:
         raise UserError(f"FD-FMNIST needs at least 2 images to fit a covariance; got {len(images)}.")
     return images
 
@@ -79,10 +91,10 @@ def _check_labels(labels, n: int) -> torch.Tensor | None:
     return labels.to("cpu", torch.int64)
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor | None) -> float | None:
-    """Fraction of the rows with a label >= 0 whose argmax of logits (N, 10) is that label."""
-    if labels is None or not (labels >= 0).any():
-        return None
+def _hits(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[int, int]:
+    """(correct, counted): of the rows with a label >= 0, how many have that label as argmax of logits (N, 10)."""
+    if labels is None:
+        return 0, 0
     keep = labels >= 0
     predicted = logits.argmax(dim=1).cpu()
-    return (predicted[keep] == labels[keep]).double().mean().item()
+    return int((predicted[keep] == labels[keep]).sum()), int(keep.sum())
