@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install diffuse into ./.venv, with Fashion-MNIST from Debian where apt is there.
-# Usage: bash scripts/setup.sh [test]   ("test" adds the test extras: pytest, diffusers, scipy,
+# Usage: bash scripts/setup.sh [test]   ("test" adds the test extras: pytest, diffusers, scipy, accelerate,
 #                                        and Debian's chromium, which the report tests open pages in)
 set -euo pipefail
 cd "$(dirname "$0")/.."
