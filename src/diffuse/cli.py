@@ -1,4 +1,4 @@
-"""The `diffuse` command: train, sample, eval, distill, ema, doctor.
+"""The `diffuse` command: train, sample, eval, distill, ema, doctor, bench.
 
 Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback;
 a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`).
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from diffuse import distributed
+from diffuse.bench import format_report, run_bench
 from diffuse.checkpoint import load_checkpoint, load_denoiser, resolve_checkpoint, verify, write_checkpoint
 from diffuse.config import Config, load_config, read_config, validate
 from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, doctor_report, format_table, run_doctor, write_doctor_json
@@ -135,6 +136,21 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the doctor.json object instead of the table")
     p.add_argument("--device", default="auto")
     p.set_defaults(run=cmd_doctor)
+
+    p = sub.add_parser("bench", help="training and sampling throughput on this machine, against its matmul peak")
+    p.add_argument("--preset", help="a preset name (default: fmnist)")
+    p.add_argument("--config", help="a TOML config file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. train.precision=bf16 (default: fp32 and bf16 side by side)")
+    p.add_argument("--what", choices=("train", "sample", "all"), default="all")
+    p.add_argument("--batch", type=int, help="images per training step and per sampler call "
+                                             "(default: the config's train.batch and sample.batch)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps, after untimed warm-up steps")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's train.threads, else "
+                                               "torch's default)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_bench)
     return parser
 
 
@@ -390,6 +406,23 @@ def cmd_doctor(args) -> int:
         print(f"\n{len(checks) - len(failed)} of {len(checks)} checks passed in {time.perf_counter() - start:.0f} s"
               + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def cmd_bench(args) -> None:
+    for flag, value, least in (("--batch", args.batch, 1), ("--steps", args.steps, 1), ("--threads", args.threads, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} {value} must be at least {least}.")
+    preset = args.preset or (None if args.config else "fmnist")
+    config = load_config(preset, args.config, args.set)
+    if config.distill.method != "none":
+        raise UserError(f"distill.method '{config.distill.method}' is for `diffuse distill`; `diffuse bench` "
+                        "measures the training step and the sampler of a model preset such as fmnist.")
+    threads = args.threads if args.threads is not None else config.train.threads
+    if threads:
+        torch.set_num_threads(threads)
+    result = run_bench(config, preset or args.config, args.set, args.what, args.batch, args.steps,
+                       pick_device(args.device))
+    print(json.dumps(result) if args.json else format_report(result))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,10 @@ class TrainConfig:
     fd_steps: int = 10                # sampler steps for the in-training FD (no guidance: it watches the model)
     threads: int = 0                  # torch CPU threads; 0 keeps torch's default
     nonfinite: str = "stop"           # a non-finite loss or gradient: stop (exit code 3) | skip the step
+    precision: str = "fp32"           # speed: fp32 | bf16 (autocast of the forward pass and loss; weights, optimizer
+                                      # and EMA stay float32)
+    channels_last: bool = False       # speed: the net and 4-D inputs in channels_last memory order (NHWC)
+    compile: bool = False             # speed: torch.compile the net (compiles during the first steps)
 
 
 @dataclass
@@ -152,6 +156,7 @@ CHOICES = {
     "train.lr_schedule": ("constant", "inv_sqrt"),
     "train.loss_weighting": ("uniform", "uncertainty"),
     "train.ema": ("traditional", "power"),
+    "train.precision": ("fp32", "bf16"),
 }
 POSITIVE = {"data.factor", "diffusion.sigma_data", "diffusion.P_std", "diffusion.sigma_min", "diffusion.sigma_max",
             "diffusion.rho", "train.lr_ref_kimg", "train.ema_snapshot_kimg", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
@@ -163,10 +168,11 @@ NONNEGATIVE = {"train.warmup_kimg", "train.weight_decay", "train.grad_clip", "tr
                "distill.gan_gen", "distill.gan_disc", "distill.real_cfg"}
 PROBABILITY = {"train.adam_beta2", "model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta",
                "distill.dm_t_min", "distill.dm_t_max"}
-# Keys a resumed run may change: how long to train, how often to log, probe and measure, how to sample.
+# Keys a resumed run may change: how long to train, how often to log, probe and measure, how to sample,
+# and the speed switches (diffuse.speed), which change how a step runs but not the weights' files.
 RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.checkpoint_kimg",
                      "train.keep_checkpoints", "train.threads", "train.probe_kimg", "train.fd_", "train.nonfinite",
-                     "train.ema_snapshot_kimg",
+                     "train.ema_snapshot_kimg", "train.precision", "train.channels_last", "train.compile",
                      "sample.")
 
 

@@ -50,6 +50,7 @@ from diffuse.metrics.superres import first_of_each_class, panel
 from diffuse.report import read_events, write_report
 from diffuse.sampling import null_condition, sample
 from diffuse.seeding import derive_seed, image_seeds
+from diffuse.speed import autocast, prepare, to_memory_format
 
 
 def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", progress: bool | None = None,
@@ -77,6 +78,7 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
         torch.manual_seed(derive_seed(t.seed, "init"))
         denoiser = build_denoiser(config).to(device)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    prepare(denoiser.net, t)  # channels_last, torch.compile, as train.* asks (the EMA, copied before, stays plain)
     phema = PowerEMA(denoiser.net, t.ema_sigma_rels) if t.ema == "power" else None  # ema then mirrors its first
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, betas=(0.9, t.adam_beta2),
                                   weight_decay=t.weight_decay)
@@ -191,7 +193,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Ten
     rank = distributed.rank()  # dropout draws from the global generator: seed it per step (and rank) too
     torch.manual_seed(seed if rank == 0 else derive_seed(seed, "rank", rank))
     generator = torch.Generator().manual_seed(seed)
-    loss = model(x0, cond, generator).mean()
+    x0, cond = to_memory_format(x0, config.train), to_memory_format(cond, config.train)
+    with autocast(config.train, x0.device):  # bf16 forward and loss if train.precision asks; backward outside
+        loss = model(x0, cond, generator).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.train.grad_clip if config.train.grad_clip > 0 else math.inf

@@ -1,0 +1,245 @@
+"""`diffuse bench`: how fast this machine trains and samples a preset, against its own matmul peak.
+
+Every number is measured in the same run: the roof (the best rate of a large matrix product, fp32
+and bf16), the training step (`train.train_step`, the loop's own step, with the optimizer the loop
+builds) and the sampler (`sampling.sample` with the preset's settings). The step's work is counted
+by `FlopCounterMode` (matrix products, convolutions and attention, forward and backward), so
+achieved GFLOP/s over the peak says how much of the machine the network uses; what the counter
+does not see (norms, activations, the optimizer) shows up as a lower ratio, which is the point.
+
+Inputs are random tensors of the data's shape: throughput does not depend on pixel values, and
+the bench then needs no data files.
+"""
+
+from __future__ import annotations
+
+import copy
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from diffuse.config import Config
+from diffuse.data import condition_shape, data_shape
+from diffuse.denoiser import build_denoiser
+from diffuse.sampling import sample
+from diffuse.seeding import derive_seed
+from diffuse.speed import prepare
+from diffuse.train import train_step, training_loss
+
+WARMUP_STEPS = 2     # untimed: the first steps allocate memory, pick kernels and, with train.compile, compile
+PEAK_REPEATS = 5     # timed matrix products per dtype; the best one is the peak
+
+
+def machine(device: torch.device) -> dict:
+    """What the numbers were measured on."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {"cpu": cpu_model(), "device": str(device), "device_name": name, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "python": platform.python_version()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a timer reads the work's end and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_size(device: torch.device) -> int:
+    """Side of the square matrices of the peak: large enough to fill the machine, small enough to be quick."""
+    return 2048 if device.type == "cpu" else 8192
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int) -> float:
+    """GFLOP/s of the best of PEAK_REPEATS n x n products (2 n^3 FLOPs each), after one untimed product."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(PEAK_REPEATS):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def random_batch(config: Config, batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0 (B, *shape), cond): a batch shaped like the data, with class labels or low-res images as conditions."""
+    generator = torch.Generator().manual_seed(seed)
+    shape, num_classes = data_shape(config.data.name)
+    x0 = torch.randn((batch, *shape), generator=generator)
+    image_cond = condition_shape(config.data)
+    if image_cond:
+        cond = torch.randn((batch, *image_cond), generator=generator)
+    else:
+        cond = torch.arange(batch) % num_classes
+    return x0.to(device), cond.to(device)
+
+
+def adamw_of_the_loop(denoiser: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The optimizer `train.train` builds, so the bench times the same optimizer step."""
+    t = config.train
+    return torch.optim.AdamW(denoiser.parameters(), lr=t.lr, betas=(0.9, t.adam_beta2), weight_decay=t.weight_decay)
+
+
+def step_flops(denoiser: torch.nn.Module, config: Config, x0: torch.Tensor, cond: torch.Tensor) -> int:
+    """FLOPs of one `train_step` of `denoiser` on (x0, cond), as FlopCounterMode counts them: 2 M N K
+    per (M x K) @ (K x N) product and the like for convolutions and attention, forward and backward.
+    Backward costs twice the forward for every layer but the first, whose input needs no gradient;
+    the optimizer step and the elementwise work count 0."""
+    with FlopCounterMode(display=False) as counter:
+        train_step(training_loss(denoiser, config), adamw_of_the_loop(denoiser, config), x0, cond, config.train.lr,
+                   config, seed=0)
+    return counter.get_total_flops()
+
+
+def train_step_flops(config: Config, batch: int, device: torch.device) -> int:
+    """FLOPs of one training step of the config's net on `batch` images, counted on a plain fp32
+    net: the work is the same whichever switches the timed run uses (and a compiled net hides its
+    operations from the counter)."""
+    plain = copy.deepcopy(config)
+    plain.train.precision, plain.train.channels_last, plain.train.compile = "fp32", False, False
+    denoiser = build_denoiser(plain).to(device)
+    return step_flops(denoiser, plain, *random_batch(plain, batch, device))
+
+
+def bench_train(config: Config, batch: int, steps: int, device: torch.device, flops: int, peak_gflops: float) -> dict:
+    """Images/s and achieved GFLOP/s (`flops` per step) of `train_step` with this config's switches,
+    over `steps` timed steps after WARMUP_STEPS; seconds per step is the median, so one stall does
+    not move it."""
+    torch.manual_seed(config.train.seed)
+    denoiser = build_denoiser(config).to(device)
+    prepare(denoiser.net, config.train)
+    optimizer = adamw_of_the_loop(denoiser, config)
+    x0, cond = random_batch(config, batch, device)
+    model, seconds = training_loss(denoiser, config), []
+    for step in range(WARMUP_STEPS + steps):
+        synchronize(device)
+        start = time.perf_counter()
+        train_step(model, optimizer, x0, cond, config.train.lr, config, derive_seed(config.train.seed, "step", step))
+        synchronize(device)  # train_step reads the loss with .item(), which waits too; this keeps it explicit
+        seconds.append(time.perf_counter() - start)
+    per_step = statistics.median(seconds[WARMUP_STEPS:])
+    achieved = flops / per_step / 1e9
+    t = config.train
+    return {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile, "batch": batch,
+            "steps": steps, "warmup_steps": WARMUP_STEPS, "seconds_per_step": per_step,
+            "img_per_s": batch / per_step, "flops_per_step": flops, "achieved_gflops": achieved,
+            "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
+
+
+class NetEvaluations:
+    """Counts the images the network sees: guidance's doubled batch counts twice, heun's second
+    evaluation once more, so NFE per image is exact for every sampler."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.images = 0
+        self.hook = net.register_forward_pre_hook(self.count)
+
+    def count(self, module, args):
+        self.images += len(args[0])
+
+    def remove(self) -> None:
+        self.hook.remove()
+
+
+def bench_sample(config: Config, batch: int, device: torch.device, peak_gflops: float) -> dict:
+    """Images/s of one `sample` call on `batch` images with the config's sampler settings, after an
+    untimed one-step call; NFE per image counted, and the network's FLOPs per image evaluation
+    counted during the warm-up."""
+    torch.manual_seed(config.train.seed)
+    denoiser = build_denoiser(config).to(device).eval().requires_grad_(False)
+    _, cond = random_batch(config, batch, device)
+    shape = data_shape(config.data.name)[0]
+    settings = {**config.sample.sampler_args(), "batch": batch}
+    warmup = NetEvaluations(denoiser.net)
+    with FlopCounterMode(display=False) as counter:
+        sample(denoiser, shape, cond, range(batch), **{**settings, "steps": 1})
+    warmup.remove()
+    flops_per_eval = counter.get_total_flops() / warmup.images
+    evaluations = NetEvaluations(denoiser.net)
+    synchronize(device)
+    start = time.perf_counter()
+    sample(denoiser, shape, cond, range(batch), **settings)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    evaluations.remove()
+    nfe = evaluations.images / batch
+    achieved = flops_per_eval * evaluations.images / seconds / 1e9
+    s = config.sample
+    return {"sampler": s.sampler, "steps": s.steps, "cfg": s.cfg, "batch": batch, "seconds": seconds,
+            "nfe": nfe, "img_per_s": batch / seconds, "img_evals_per_s": batch * nfe / seconds,
+            "flops_per_img_eval": flops_per_eval, "achieved_gflops": achieved, "peak_gflops": peak_gflops,
+            "of_peak": achieved / peak_gflops}
+
+
+def precision_variants(config: Config, overrides: list[str]) -> list[Config]:
+    """The configs whose training is timed: the one asked for if --set names train.precision,
+    else fp32 and bf16 side by side, so their ratio comes from one run."""
+    if any(item.partition("=")[0].strip() == "train.precision" for item in overrides):
+        return [config]
+    variants = []
+    for precision in ("fp32", "bf16"):
+        variant = copy.deepcopy(config)
+        variant.train.precision = precision
+        variants.append(variant)
+    return variants
+
+
+def run_bench(config: Config, label: str, overrides: list[str], what: str, batch: int | None, steps: int,
+              device: torch.device) -> dict:
+    """The whole measurement as one JSON-ready dict; `what` is train, sample or all."""
+    n = matmul_size(device)
+    peaks = {"fp32": matmul_peak_gflops(torch.float32, device, n), "bf16": matmul_peak_gflops(torch.bfloat16, device, n)}
+    result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "matmul_size": n,
+              "matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"],
+              "params": sum(p.numel() for p in build_denoiser(config).parameters())}
+    if what in ("train", "all"):
+        train_batch = batch or config.train.batch
+        flops = train_step_flops(config, train_batch, device)
+        runs = [bench_train(c, train_batch, steps, device, flops, peaks[c.train.precision])
+                for c in precision_variants(config, overrides)]
+        result["train"] = runs
+        by_precision = {r["precision"]: r["img_per_s"] for r in runs}
+        if len(by_precision) == 2:
+            result["bf16_over_fp32"] = by_precision["bf16"] / by_precision["fp32"]
+    if what in ("sample", "all"):
+        result["sample"] = bench_sample(config, batch or config.sample.batch, device, peaks["fp32"])
+    return result
+
+
+def format_report(result: dict) -> str:
+    """A few lines and a small table for people; --json prints `result` itself."""
+    m = result["machine"]
+    lines = [f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads",
+             f"matmul peak ({result['matmul_size']}x{result['matmul_size']}): fp32 {result['matmul_peak_gflops']:.0f} "
+             f"GFLOP/s, bf16 {result['matmul_peak_gflops_bf16']:.0f} GFLOP/s",
+             f"{result['preset']}: {result['params'] / 1e6:.2f}M parameters"]
+    if "train" in result:
+        lines += ["", "train  precision  channels_last  compile  batch  img/s    GFLOP/s  of peak"]
+        for r in result["train"]:
+            lines.append(f"       {r['precision']:<9}  {str(r['channels_last']).lower():<13}  "
+                         f"{str(r['compile']).lower():<7}  {r['batch']:<5}  {r['img_per_s']:<7.1f}  "
+                         f"{r['achieved_gflops']:<7.1f}  {r['of_peak']:.3f}")
+        if "bf16_over_fp32" in result:
+            lines.append(f"bf16 / fp32 training images/s: {result['bf16_over_fp32']:.2f}")
+    if "sample" in result:
+        s = result["sample"]
+        lines += ["", f"sample {s['sampler']}, {s['steps']} steps, cfg {s['cfg']:g}: {s['nfe']:g} network evaluations "
+                      f"per image, batch {s['batch']}: {s['img_per_s']:.2f} img/s, {s['img_evals_per_s']:.1f} image "
+                      f"evaluations/s, {s['achieved_gflops']:.1f} GFLOP/s ({s['of_peak']:.3f} of the fp32 peak)"]
+    return "\n".join(lines)

@@ -1,0 +1,67 @@
+"""Opt-in speed switches of training: bf16 autocast, channels_last, torch.compile (`[train]` keys
+precision, channels_last, compile; all off by default).
+
+Each switch changes how the step runs, never what it optimizes: the weights, the optimizer's
+moments and the EMA stay float32 and keep their names, so checkpoints are the same files with
+every switch on or off, and a run may change a switch when it resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from diffuse.config import TrainConfig
+from diffuse.errors import UserError
+
+
+def autocast(t: TrainConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context to compute the forward pass and the loss in: bf16 autocast for precision "bf16".
+
+    Autocast runs matrix products and convolutions in bf16 and keeps reductions and norms in
+    float32; the float32 weights are cast on the fly, so nothing stored changes. bf16 has float32's
+    exponent range, so unlike fp16 it needs no loss scaling. The backward pass runs outside the
+    context (as PyTorch recommends) and follows the dtypes the forward chose.
+    """
+    if t.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def to_memory_format(x: torch.Tensor, t: TrainConfig) -> torch.Tensor:
+    """x in channels_last (NHWC in memory) when train.channels_last is on and x is a 4-D image batch."""
+    if t.channels_last and x.ndim == 4:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def prepare(module: nn.Module, t: TrainConfig) -> nn.Module:
+    """`module` switched to channels_last and compiled, as train.channels_last and train.compile ask;
+    returns the same module, changed in place.
+
+    In place, so the parameters stay the ones an optimizer or EMA already holds, and the state_dict
+    keeps its keys (torch.compile's wrapper would prefix them with `_orig_mod.`).
+    """
+    if t.channels_last:
+        module.to(memory_format=torch.channels_last)  # 4-D weights (convolutions) only; others are unchanged
+    if t.compile:
+        check_compile_works(next(module.parameters()).device)
+        module.compile()
+    return module
+
+
+def check_compile_works(device: torch.device) -> None:
+    """Compile and run a two-op function, so a machine where torch.compile cannot work (no C++
+    compiler for the CPU backend, an unsupported Python) is told in one sentence before training starts."""
+    try:
+        torch.compile(_compile_probe)(torch.ones(4, device=device))
+    except Exception as e:  # noqa: BLE001 - whatever broke, the user's fix is the same
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"train.compile = true needs torch.compile, which fails on this machine ({first_line}); "
+                        "set train.compile = false.") from None
+
+
+def _compile_probe(x: torch.Tensor) -> torch.Tensor:
+    return x * 2 + 1

@@ -1,0 +1,118 @@
+"""`diffuse bench`: the JSON it prints, FLOP counts against hand counts, NFE counts against the
+samplers' formulas, and bad input in one sentence."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from diffuse.bench import step_flops, train_step_flops
+from diffuse.cli import main
+from diffuse.config import load_config
+from diffuse.denoiser import Denoiser
+from diffuse.process import VPDiscrete
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    """`diffuse bench --threads` sets torch's threads for the whole process: restore them after each test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench_json(capsys, *args) -> dict:
+    assert main(["bench", "--preset", "fmnist-tiny", "--threads", "1", "--json", *args]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_json_has_the_machine_the_peak_and_both_precisions(capsys):
+    result = bench_json(capsys, "--steps", "1", "--batch", "4", "--set", "sample.steps=2", "--set", "sample.cfg=2")
+    assert set(result["machine"]) >= {"cpu", "torch", "threads", "device"}
+    assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
+    assert result["matmul_peak_gflops"] > 0 and result["matmul_peak_gflops_bf16"] > 0
+    fp32, bf16 = result["train"]
+    assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
+    for run in (fp32, bf16):
+        assert run["batch"] == 4 and run["steps"] == 1
+        assert run["img_per_s"] > 0 and run["achieved_gflops"] > 0 and 0 < run["of_peak"]
+        assert run["img_per_s"] == pytest.approx(4 / run["seconds_per_step"])
+    assert fp32["peak_gflops"] == result["matmul_peak_gflops"] and bf16["peak_gflops"] == result["matmul_peak_gflops_bf16"]
+    # the count is the net's work, the same for both precisions, and the one a plain step has
+    assert fp32["flops_per_step"] == bf16["flops_per_step"] == train_step_flops(load_config("fmnist-tiny"), 4, torch.device("cpu"))
+    assert result["bf16_over_fp32"] == pytest.approx(bf16["img_per_s"] / fp32["img_per_s"])
+    s = result["sample"]
+    assert s["nfe"] == 4  # 2 DDIM steps, each evaluating the conditional and the unconditional image
+    assert s["img_per_s"] > 0 and s["img_evals_per_s"] == pytest.approx(4 * s["img_per_s"])
+    # the sampler's forward costs a third of a training step's forward and backward
+    assert s["flops_per_img_eval"] * 3 == pytest.approx(fp32["flops_per_step"] / 4, rel=0.01)
+
+
+def test_a_precision_asked_for_is_the_only_one_timed(capsys):
+    result = bench_json(capsys, "--what", "train", "--steps", "1", "--batch", "2", "--set", "train.precision=bf16",
+                        "--set", "train.channels_last=true")
+    assert [(r["precision"], r["channels_last"]) for r in result["train"]] == [("bf16", True)]
+    assert "bf16_over_fp32" not in result and "sample" not in result
+
+
+def test_heun_nfe_is_counted_not_assumed(capsys):
+    """heun's NFE is 2N - 1, less one where the first time has alpha = 0 (zero terminal SNR): 4 for 3 steps."""
+    result = bench_json(capsys, "--what", "sample", "--batch", "2", "--set", "sample.sampler=heun",
+                        "--set", "sample.steps=3")
+    assert "train" not in result and result["sample"]["nfe"] == 4
+
+
+class TwoLayers(nn.Module):
+    """first(x) -> ReLU -> second: a net whose FLOPs a person can count. Ignores t and cond."""
+
+    def __init__(self, first: nn.Module, second: nn.Module):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x, t, cond):
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_linear_step_flops_match_a_hand_count():
+    B, D, H = 16, 2, 32
+    denoiser = Denoiser(TwoLayers(nn.Linear(D, H), nn.Linear(H, D)), VPDiscrete("linear", True), "v")
+    # each product 2 M N K: forward 2BDH per layer; backward 2BDH for the weight's gradient of each layer
+    # and 2BDH for the input gradient of the second only (the first layer's input x_t needs none)
+    expected = 2 * (2 * B * D * H) + 2 * (2 * B * D * H) + 1 * (2 * B * D * H)
+    flops = step_flops(denoiser, load_config("toy2d"), torch.randn(B, D), torch.arange(B) % 8)
+    assert flops == expected
+
+
+def test_convolution_step_flops_match_a_hand_count():
+    B, C, side = 4, 8, 28
+    denoiser = Denoiser(TwoLayers(nn.Conv2d(1, C, 3, padding=1), nn.Conv2d(C, 1, 3, padding=1)),
+                        VPDiscrete("linear", True), "v")
+    per_pass = 2 * B * side * side * C * 1 * 3 * 3  # 2 x outputs x (in channels x kernel) per layer, either layer
+    flops = step_flops(denoiser, load_config("fmnist-tiny"), torch.randn(B, 1, side, side), torch.arange(B) % 10)
+    assert flops == 5 * per_pass  # forward 2, backward 3 (no input gradient for the first layer)
+
+
+def assert_one_sentence(err: str):
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("diffuse: "), repr(err)
+    assert err.rstrip().endswith((".", "?", "'")), repr(err)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--preset", "fmnist-tiyn"], "unknown preset 'fmnist-tiyn' (did you mean 'fmnist-tiny'?)"),
+    (["--set", "train.precision=fp16"], "train.precision = 'fp16' is not one of fp32, bf16"),
+    (["--set", "train.precison=bf16"], "unknown config key 'train.precison'"),
+    (["--set", "train.channels_last=1"], "train.channels_last must be true or false"),
+    (["--set", "train.precision"], "is not key=value"),
+    (["--steps", "0"], "--steps 0 must be at least 1"),
+    (["--batch", "-3"], "--batch -3 must be at least 1"),
+    (["--threads", "-1"], "--threads -1 must be at least 0"),
+    (["--what", "everything"], "invalid choice"),
+    (["--preset", "dmd"], "is for `diffuse distill`"),
+])
+def test_bad_bench_input_is_one_sentence_and_exit_code_2(capsys, args, words):
+    assert main(["bench", *args]) == 2
+    captured = capsys.readouterr()
+    assert words in captured.err and captured.out == ""
+    assert_one_sentence(captured.err)

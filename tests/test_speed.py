@@ -1,0 +1,99 @@
+"""The speed switches (diffuse.speed): bf16 autocast and channels_last change how a training step
+runs, not what it computes beyond rounding; torch.compile fails in one sentence where it cannot work."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffuse.checkpoint import latest_checkpoint
+from diffuse.denoiser import build_denoiser
+from diffuse.errors import UserError
+from diffuse.speed import prepare, to_memory_format
+from diffuse.train import train, train_step, training_loss
+
+
+def twin_steps(config, switched: dict) -> tuple[tuple[float, float], tuple[float, float], torch.nn.Module,
+                                                 torch.optim.Optimizer]:
+    """One training step of the same net on the same batch and seed, plain and with `switched` train.* keys:
+    ((loss, grad norm) plain, (loss, grad norm) switched, the switched denoiser, its optimizer)."""
+    torch.manual_seed(0)
+    plain = build_denoiser(config)
+    with torch.no_grad():  # the U-Net's zero-initialized layers would hide the whole net's rounding from the loss
+        for p in plain.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    fast, fast_config = copy.deepcopy(plain), copy.deepcopy(config)
+    for key, value in switched.items():
+        setattr(fast_config.train, key, value)
+    prepare(fast.net, fast_config.train)
+    x0 = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    cond = torch.arange(8) % 10
+    results = []
+    for denoiser, c in ((plain, config), (fast, fast_config)):
+        optimizer = torch.optim.AdamW(denoiser.parameters(), lr=1e-3)
+        results.append(train_step(training_loss(denoiser, c), optimizer, x0, cond, 1e-3, c, seed=5))
+    return results[0], results[1], fast, optimizer
+
+
+def test_bf16_step_gives_a_finite_loss_close_to_fp32_and_keeps_float32_state(tiny):
+    conv_dtypes = []
+    config = tiny()
+    (loss32, norm32), (loss16, norm16), fast, optimizer = twin_steps(config, {"precision": "bf16"})
+    assert torch.isfinite(torch.tensor([loss16, norm16])).all()
+    assert loss16 == pytest.approx(loss32, rel=0.03)  # bf16 keeps 8 bits of mantissa: ~0.4% per product
+    assert norm16 == pytest.approx(norm32, rel=0.1)
+    assert loss16 != loss32  # autocast did act: bf16 rounding moved the loss
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    assert all(v.dtype == torch.float32 for s in optimizer.state.values() for v in s.values() if v.is_floating_point())
+    # and inside the step the convolutions ran in bf16
+    conv = next(m for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda module, args, out: conv_dtypes.append(out.dtype))
+    twin = copy.deepcopy(config)
+    twin.train.precision = "bf16"
+    train_step(training_loss(fast, twin), optimizer, torch.randn(4, 1, 28, 28), torch.arange(4), 1e-3, twin, seed=6)
+    assert conv_dtypes == [torch.bfloat16]
+
+
+def test_channels_last_step_gives_the_loss_of_contiguous_memory(tiny):
+    (loss_a, norm_a), (loss_b, norm_b), fast, _ = twin_steps(tiny(), {"channels_last": True})
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert norm_b == pytest.approx(norm_a, rel=1e-4)
+    convs = [m.weight for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs
+                         if w.shape[1] > 1 and w.shape[2] > 1)
+
+
+def test_to_memory_format_touches_only_4d_batches_when_asked(tiny):
+    config = tiny("train.channels_last=true")
+    x = torch.randn(2, 3, 5, 5)
+    assert to_memory_format(x, config.train).is_contiguous(memory_format=torch.channels_last)
+    assert not to_memory_format(x, config.train).is_contiguous()
+    assert to_memory_format(x, tiny().train) is x
+    labels = torch.arange(4)
+    assert to_memory_format(labels, config.train) is labels
+
+
+def test_a_run_with_switches_on_checkpoints_float32_and_resumes_with_them_off(tmp_path, tiny):
+    run = tmp_path / "run"
+    fast = ["train.precision=bf16", "train.channels_last=true", "train.probe_kimg=0"]
+    train(tiny(*fast, "train.kimg=0.032", "train.checkpoint_kimg=0.032"), run, log=lambda *a: None)
+    model = load_file(latest_checkpoint(run) / "model.safetensors")
+    assert model and all(v.dtype == torch.float32 for v in model.values())
+    # the switches change how steps run, not the run: resuming with them off is allowed
+    train(tiny("train.probe_kimg=0", "train.kimg=0.064", "train.checkpoint_kimg=0.032"), run, log=lambda *a: None)
+    assert latest_checkpoint(run).name == "step-0000004"
+
+
+def test_compile_that_cannot_work_is_one_sentence(tiny, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    config = tiny("train.compile=true")
+    with pytest.raises(UserError) as caught:
+        prepare(build_denoiser(config).net, config.train)
+    message = str(caught.value)
+    assert "\n" not in message and message.endswith("set train.compile = false.")
+    assert "No working C++ compiler found" in message
