@@ -128,7 +128,7 @@ def tables(ours: dict, unguided: dict, peer: dict, ratios: dict) -> str:
     m = ours["machine"]
     our_train = {r["precision"]: r for r in ours["train"]}
     peer_train_ = {r["precision"]: r for r in peer["train"]}
-    lines = [f"{m['cpu']}, torch {m['torch']}, {m['threads']} threads; matmul peak "
+    lines = [f"{m['cpu']}, torch {m['torch']}, {m['threads']} threads, load average {m['load_average_1min']}; matmul peak "
              f"fp32 {ours['matmul_peak_gflops']:.0f} GFLOP/s, bf16 {ours['matmul_peak_gflops_bf16']:.0f} GFLOP/s", "",
              f"Training, batch {BATCH} (median of {ours['train'][0]['steps']} steps after {WARMUP_STEPS} untimed):", "",
              "| model | params | precision | img/s | GFLOP/step | GFLOP/s | of peak |", "|---|---|---|---|---|---|---|"]

@@ -29,7 +29,7 @@ def bench_json(capsys, *args) -> dict:
 
 def test_bench_json_has_the_machine_the_peak_and_both_precisions(capsys):
     result = bench_json(capsys, "--steps", "1", "--batch", "4", "--set", "sample.steps=2", "--set", "sample.cfg=2")
-    assert set(result["machine"]) >= {"cpu", "torch", "threads", "device"}
+    assert set(result["machine"]) >= {"cpu", "torch", "threads", "device", "load_average_1min"}
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
     assert result["matmul_peak_gflops"] > 0 and result["matmul_peak_gflops_bf16"] > 0
     fp32, bf16 = result["train"]
