@@ -207,7 +207,8 @@ def run_bench(config: Config, label: str, overrides: list[str], what: str, batch
               device: torch.device) -> dict:
     """The whole measurement as one JSON-ready dict; `what` is train, sample or all."""
     n = matmul_size(device)
-    peaks = {"fp32": matmul_peak_gflops(torch.float32, device, n), "bf16": matmul_peak_gflops(torch.bfloat16, device, n)}
+    peaks = {name: matmul_peak_gflops(dtype, device, n) for name, dtype in (("fp32", torch.float32),
+                                                                           ("bf16", torch.bfloat16))}
     result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "matmul_size": n,
               "matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"],
               "params": sum(p.numel() for p in build_denoiser(config).parameters())}
