@@ -128,8 +128,8 @@ def tables(ours: dict, unguided: dict, peer: dict, ratios: dict) -> str:
     m = ours["machine"]
     our_train = {r["precision"]: r for r in ours["train"]}
     peer_train_ = {r["precision"]: r for r in peer["train"]}
-    lines = [f"{m['cpu']}, torch {m['torch']}, {m['threads']} threads; matmul peak "
-             f"fp32 {ours['matmul_peak_gflops']:.0f} GFLOP/s, bf16 {ours['matmul_peak_gflops_bf16']:.0f} GFLOP/s", "",
+    lines = [f"{m['cpu']}, torch {m['torch']}, {m['threads']} threads, load average {m['load_average_1min']}; "
+             f"matmul peak fp32 {ours['matmul_peak_gflops']:.0f} GFLOP/s, bf16 {ours['matmul_peak_gflops_bf16']:.0f} GFLOP/s", "",
              f"Training, batch {BATCH} (median of {ours['train'][0]['steps']} steps after {WARMUP_STEPS} untimed):", "",
              "| model | params | precision | img/s | GFLOP/step | GFLOP/s | of peak |", "|---|---|---|---|---|---|---|"]
     for name, params, runs in (("diffuse fmnist", ours["params"], our_train),
@@ -138,7 +138,8 @@ def tables(ours: dict, unguided: dict, peer: dict, ratios: dict) -> str:
             lines.append(f"| {name} | {params / 1e6:.2f}M | {precision} | {r['img_per_s']:.1f} | "
                          f"{r['flops_per_step'] / 1e9:.1f} | {r['achieved_gflops']:.1f} | {r['of_peak']:.3f} |")
     lines += ["", "| ratio | fp32 | bf16 |", "|---|---|---|"]
-    lines.append(f"| train img/s ours / peer | {ratios['train_img_per_s_fp32']:.2f} | {ratios['train_img_per_s_bf16']:.2f} |")
+    lines.append(f"| train img/s ours / peer | {ratios['train_img_per_s_fp32']:.2f} | "
+                 f"{ratios['train_img_per_s_bf16']:.2f} |")
     lines.append(f"| bf16 / fp32 img/s, ours | | {ratios['bf16_over_fp32_ours']:.2f} |")
     lines.append(f"| bf16 / fp32 img/s, peer | | {ratios['bf16_over_fp32_peer']:.2f} |")
     lines += ["", f"Sampling, batch {BATCH}, 25 DDIM steps:", "",

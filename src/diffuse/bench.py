@@ -14,6 +14,7 @@ the bench then needs no data files.
 from __future__ import annotations
 
 import copy
+import os
 import platform
 import statistics
 import time
@@ -35,10 +36,13 @@ PEAK_REPEATS = 5     # timed matrix products per dtype; the best one is the peak
 
 
 def machine(device: torch.device) -> dict:
-    """What the numbers were measured on."""
+    """What the numbers were measured on, and how busy it was: a 1-minute load average above the
+    threads' count means other processes shared the cores and the timings are low."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     return {"cpu": cpu_model(), "device": str(device), "device_name": name, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
+            "threads": torch.get_num_threads(), "cpu_cores": os.cpu_count(), "load_average_1min": load,
+            "python": platform.python_version()}
 
 
 def cpu_model() -> str:
@@ -204,7 +208,8 @@ def run_bench(config: Config, label: str, overrides: list[str], what: str, batch
               device: torch.device) -> dict:
     """The whole measurement as one JSON-ready dict; `what` is train, sample or all."""
     n = matmul_size(device)
-    peaks = {"fp32": matmul_peak_gflops(torch.float32, device, n), "bf16": matmul_peak_gflops(torch.bfloat16, device, n)}
+    peaks = {name: matmul_peak_gflops(dtype, device, n) for name, dtype in (("fp32", torch.float32),
+                                                                           ("bf16", torch.bfloat16))}
     result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "matmul_size": n,
               "matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"],
               "params": sum(p.numel() for p in build_denoiser(config).parameters())}
@@ -225,7 +230,8 @@ def run_bench(config: Config, label: str, overrides: list[str], what: str, batch
 def format_report(result: dict) -> str:
     """A few lines and a small table for people; --json prints `result` itself."""
     m = result["machine"]
-    lines = [f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads",
+    lines = [f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, "
+             f"{m['cpu_cores']} cores, load average {m['load_average_1min']}",
              f"matmul peak ({result['matmul_size']}x{result['matmul_size']}): fp32 {result['matmul_peak_gflops']:.0f} "
              f"GFLOP/s, bf16 {result['matmul_peak_gflops_bf16']:.0f} GFLOP/s",
              f"{result['preset']}: {result['params'] / 1e6:.2f}M parameters"]
