@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from diffuse.bench import cpu_model
 from diffuse.data import load_fmnist
 from diffuse.images import load_npz, save_grid
 from diffuse.metrics.fmnist_fd import evaluate_images
@@ -122,7 +123,7 @@ def main():
         ours["kimg"] = json.loads((args.out / "ours" / "metrics.jsonl").read_text().splitlines()[-1])["kimg"]
         (args.out / "ours.json").write_text(json.dumps(ours, indent=1))
     peer = run_peer(args.out, args.n, args.budget_s or ours["train_s"])
-    result = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_model(), "torch": torch.__version__,
+    result = {"machine": platform.processor() or platform.machine(), "cpu": cpu_model(), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "ours": ours, "peer": peer,
               "fd_ratio": ours["fd"] / peer["fd"]}
     (args.out / "RESULT.json").write_text(json.dumps(result, indent=1))
@@ -133,16 +134,6 @@ def main():
         print(f"| {name} | {r['params'] / 1e6:.2f}M | {r['train_s']:.0f} | {r['kimg']:.1f} | {r['fd']:.2f} ({r['n']}) "
               f"| {r['accuracy']:.3f} | {r['sample_s']:.0f} |")
     print(f"\nFD ratio ours / peer: {result['fd_ratio']:.3f}")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from diffuse.bench import cpu_model
 from diffuse.checkpoint import load_denoiser
 from diffuse.data import data_shape
 from diffuse.sampling import sample
@@ -85,7 +85,7 @@ def main(argv=None) -> None:
         run([*DIFFUSE, "eval", str(run_dir), "--n", str(args.n), "--json"], log, stdout=out, threads=args.threads)
         results[name] = json.loads(out.read_text().splitlines()[-1]) | sampling_speed(run_dir, args.speed_n, 64)
     t, s = results["teacher"], results["student"]
-    report = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+    report = {"machine": cpu_model(), "torch": torch.__version__,
               "threads": args.threads, "preset": args.preset, "set": args.set, "distill_wall_s": distill_s,
               "distill_steps_s": steps_s, **results,
               "fd_ratio": s["fd"] / t["fd"], "accuracy_points": 100 * (s["accuracy"] - t["accuracy"]),
