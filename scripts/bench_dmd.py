@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from diffuse.bench import cpu_model
+from diffuse.bench import NetEvaluations, cpu_model
 from diffuse.checkpoint import load_denoiser
 from diffuse.data import data_shape
 from diffuse.sampling import sample
@@ -43,19 +43,20 @@ def run(argv: list[str], log: Path, stdout: Path | None = None, threads: int = 2
 
 
 def sampling_speed(run_dir: Path, n: int, batch: int) -> dict:
-    """Images per second of the run's own sampler settings, timed over n images after one warm-up batch."""
+    """Images per second of the run's own sampler settings, timed over n images after one warm-up
+    batch; network evaluations per image counted as `diffuse bench` counts them."""
     config, denoiser = load_denoiser(run_dir, "ema", "cpu")
     settings = {**config.sample.sampler_args(), "batch": batch}
     shape = data_shape(config.data.name)[0]
     labels = torch.arange(n) % 10
     with torch.inference_mode():
         sample(denoiser, shape, labels[:batch], image_seeds(1, batch), **settings)  # warm-up
+        evaluations = NetEvaluations(denoiser.net)
         start = time.perf_counter()
         sample(denoiser, shape, labels, image_seeds(0, n), **settings)
         seconds = time.perf_counter() - start
-    per_step = 2 if settings["cfg"] != 1 else 1  # guidance: conditional and unconditional in one batch
-    nfe = per_step * (2 * settings["steps"] - 1 if settings["sampler"] == "heun" else settings["steps"])
-    return {"img_per_s": n / seconds, "nfe_per_image": nfe, "sampler": settings["sampler"],
+        evaluations.remove()
+    return {"img_per_s": n / seconds, "nfe_per_image": evaluations.images / n, "sampler": settings["sampler"],
             "steps": settings["steps"], "cfg": settings["cfg"]}
 
 
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
     print(f"| model | sampler | NFE per image | FD-FMNIST (n={args.n}) | accuracy | images/s |")
     print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['sampler']} {r['steps']}, cfg {r['cfg']:g} | {r['nfe_per_image']} | {r['fd']:.2f} | "
+        print(f"| {name} | {r['sampler']} {r['steps']}, cfg {r['cfg']:g} | {r['nfe_per_image']:g} | {r['fd']:.2f} | "
               f"{r['accuracy']:.3f} | {r['img_per_s']:.1f} |")
     print(f"\ndistillation {distill_s:.0f} s wall ({steps_s:.0f} s of steps); FD ratio {report['fd_ratio']:.2f} "
           f"(goal <= 1.5); accuracy {report['accuracy_points']:+.1f} points (goal within 5); "

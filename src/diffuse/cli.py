@@ -237,6 +237,8 @@ def cmd_eval(args) -> None:
     source = Path(args.source)
     if source.is_dir():
         config, x, labels, settings = draw(source, args.n, "all", 0, "ema", args)
+        if not distributed.is_main():  # every rank sampled its block; rank 0 measures and prints
+            return
         if config.data.name != "fmnist":
             raise UserError(f"{source} is a {config.data.name} run; FD-FMNIST needs a Fashion-MNIST run.")
         images = Scaling(config.data.mean, config.data.std).decode(x).numpy()
@@ -351,6 +353,8 @@ def cmd_ema(args) -> None:
     for sigma_rel in sigma_rels:
         args.ema = sigma_rel
         config, x, labels, settings = draw(checkpoint, args.n, "all", 0, "ema", args)
+        if not distributed.is_main():  # every rank samples its block; rank 0 measures
+            continue
         result = evaluate_images(Scaling(config.data.mean, config.data.std).decode(x).numpy(), labels.numpy())
         rows.append({"sigma_rel": sigma_rel, "fd": result["fd"], "accuracy": result["accuracy"]})
         print(f"sigma_rel {sigma_rel:.3f}: FD-FMNIST {result['fd']:.3f}, class accuracy {result['accuracy']:.3f}")

@@ -65,11 +65,12 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def block(n: int) -> slice:
-    """This rank's contiguous block of n items: the first n % size ranks get one more."""
+def block(n: int, r: int | None = None) -> slice:
+    """Rank r's (this rank's by default) contiguous block of n items: the first n % size ranks get one more."""
+    r = rank() if r is None else r
     per, extra = divmod(n, size())
-    start = rank() * per + min(rank(), extra)
-    return slice(start, start + per + (rank() < extra))
+    start = r * per + min(r, extra)
+    return slice(start, start + per + (r < extra))
 
 
 def check_batch(batch: int) -> None:
@@ -83,17 +84,12 @@ def gather(x: torch.Tensor, n: int) -> torch.Tensor:
     """Every rank's block (from `block(n)`) of an (n, ...) tensor, concatenated in rank order, on every rank."""
     if size() == 1:
         return x
-    sizes = [block_size(n, r) for r in range(size())]
+    sizes = [len(range(n)[block(n, r)]) for r in range(size())]
     padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[:len(x)] = x
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[:k] for part, k in zip(parts, sizes)])
-
-
-def block_size(n: int, r: int) -> int:
-    per, extra = divmod(n, size())
-    return per + (r < extra)
 
 
 def all_sum(x: np.ndarray | float, device: torch.device) -> np.ndarray:
