@@ -62,7 +62,7 @@ def test_each_turn_touches_only_its_own_network(preset):
     before = {name: snapshot(m) for name, m in
               (("real", teacher), ("fake", dist.fake), ("head", dist.head), ("generator", dist.generator))}
 
-    out = D.fake_turn(dist, D.sample_generator(dist, z, cond, rng), cond, x_real, cond, config, rng)
+    out = D.fake_turn(dist, D.sample_generator(dist, z, cond, rng), x_real, cond, config, rng)
     assert set(out) == {"fake", "gan_disc", "fake_grad_norm"}
     for name, module in (("real", teacher), ("generator", dist.generator)):
         assert unchanged(module, before[name]), f"the fake turn changed the {name} network"
@@ -130,7 +130,7 @@ def test_dmd2_moves_a_one_step_generator_onto_a_mixture_with_an_exact_score():
     def report():
         z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
-            x = D.generate(generator.eval(), z, None, dist.times, 0, torch.Generator())
+            x = D.generate(generator.eval(), z, None, dist.times)
         share = torch.bincount(torch.cdist(x.double(), MU).argmin(1), minlength=MODES) / len(x)
         return mixture_report(x) | {"share": share}
 
@@ -141,7 +141,7 @@ def test_dmd2_moves_a_one_step_generator_onto_a_mixture_with_an_exact_score():
             _, x = D.generator_turn(dist, z, None, config, rng)
         else:
             x = D.sample_generator(dist, z, None, rng)
-        D.fake_turn(dist, x, None, None, None, config, rng)
+        D.fake_turn(dist, x, None, None, config, rng)
     end = report()
     assert start["sw"] > 0.5 and end["sw"] < 0.08, (start, end)
     assert (end["share"] - WEIGHTS).abs().max() < 0.06 and end["share"].min() > 0.02, end

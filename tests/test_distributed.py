@@ -129,3 +129,36 @@ def test_resume_on_two_ranks_continues_a_one_rank_run(runs, tmp_path):
     proc = run([*TORCHRUN, "-m", "diffuse", "train", *TINY, "--set", "train.kimg=0.32", "--out", str(tmp_path / "run")])
     assert "resuming at 0.256 kimg of 0.32" in proc.stdout
     assert latest_checkpoint(tmp_path / "run").name == "step-0000020"
+
+
+DISTILL = ["--set", "train.kimg=0.128", "--set", "train.batch=16", "--set", "train.log_kimg=0.064",
+           "--set", "train.grid_kimg=0.128", "--set", "train.checkpoint_kimg=0.064", "--set", "train.fd_kimg=0.128",
+           "--set", "train.fd_n=32", "--set", "train.threads=1", "--set", "distill.gen_every=2"]
+
+
+@pytest.mark.parametrize("method", [
+    ["--preset", "dmd2"],  # one step, the GAN head on the fake score
+    ["--preset", "dmd", "--set", "distill.pairs=24", "--set", "distill.pair_steps=2",
+     "--set", "distill.generator_steps=2"],  # regression pairs sampled over the ranks, a 2-step generator
+], ids=["dmd2", "dmd-2step"])
+def test_two_ranks_distill_the_student_of_one(runs, tmp_path, method):
+    """Generator, fake score (and head) after 8 iterations agree to rounding as in training; rank 0
+    alone writes; the in-training FD agrees; DMD's teacher pairs sampled over two ranks equal one's."""
+    teacher = runs[0]
+    args = ["distill", str(teacher), *method, *DISTILL]
+    run([sys.executable, "-m", "diffuse", *args, "--out", str(tmp_path / "one")])
+    proc = run([*TORCHRUN, "-m", "diffuse", *args, "--out", str(tmp_path / "two")])
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert proc.stdout.count("distilling ") == 1
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-0000004", "step-0000008"]
+    assert [e["event"] for e in events(two)] == [e["event"] for e in events(one)]
+    for name in ("model", "ema", "fake") + (("head",) if "dmd2" in method else ()):
+        a = load_file(latest_checkpoint(one) / f"{name}.safetensors")
+        b = load_file(latest_checkpoint(two) / f"{name}.safetensors")
+        diff = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+        assert (diff <= 1e-6).float().mean() >= 0.99 and diff.max() < 1e-3, (name, diff.max())
+    fds = [[e["fd"] for e in events(r) if e["event"] == "fd"] for r in (one, two)]
+    assert len(fds[0]) == 1 and np.allclose(fds[0], fds[1], rtol=1e-5, atol=0)
+    if "dmd" in method:
+        pairs = [load_file(r / "pairs.safetensors") for r in (one, two)]
+        assert all(torch.equal(pairs[0][k], pairs[1][k]) for k in pairs[0])

@@ -192,9 +192,6 @@ def cmd_train(args) -> None:
 def cmd_distill(args) -> None:
     """The student's config is the teacher's, with the preset's [distill], [train] and [sample] on top."""
     teacher_dir = Path(args.teacher)
-    if distributed.size() > 1:
-        raise UserError(f"diffuse distill runs in one process so far, and this one is 1 of {distributed.size()}; "
-                        "start it without torchrun or accelerate launch.")
     for item in args.set:
         if item.partition("=")[0].strip().split(".")[0] not in ("distill", "train", "sample"):
             raise UserError(f"--set {item!r}: a student takes its data, process and model from the teacher; "

@@ -17,7 +17,11 @@ Fake turn (every iteration): the fake score's diffusion loss on the detached gen
   plus DMD2's classifier loss softplus(D(fake)) + softplus(-D(real)) on detached, noised inputs.
 The teacher's weights never change; the generator's loss leaves the fake score (and its head)
 untouched, and the fake turn leaves the generator untouched (tests/test_distill.py checks .grad
-and bit-equality).
+and bit-equality). Grids, FD and `diffuse sample` use an EMA of the generator (train.ema_halflife_kimg).
+
+Under torchrun or accelerate launch each turn's losses are modules (`GeneratorLoss`, `FakeLoss`)
+in DistributedDataParallel: every rank draws the whole global batch's randomness and computes its
+own block, as `diffuse.train` does, so the student does not depend on the number of ranks.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import copy
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,21 +39,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
+from diffuse import distributed
 from diffuse.checkpoint import (join_optimizer_state, load_denoiser, prune_checkpoints, save_checkpoint,
                                 split_optimizer_state)
 from diffuse.config import Config
 from diffuse.data import load_train_data
 from diffuse.denoiser import Denoiser, append_dims
+from diffuse.ema import ema_beta, update_ema
 from diffuse.errors import Diverged, UserError
 from diffuse.files import fsync_path
-from diffuse.losses import diffusion_loss
+from diffuse.losses import draw_noise, loss_at
 from diffuse.process import EDM
 from diffuse.report import write_report
 from diffuse.sampling import Guided, ImageNoise, sample
 from diffuse.seeding import derive_seed, image_seeds
 from diffuse.train import (append_jsonl, batch_at, crossed, interruption, learning_rate, newest_checkpoint_of_run,
-                           resume_config, scaling_of, stop_requests, timed, training_fd, trim_events, write_config,
-                           write_grid)
+                           resume_config, scaling_of, silent, stop_requests, timed, training_fd, trim_events,
+                           write_config, write_grid)
 
 GRID = 1000  # noise levels of the DM loss's time grid, from the cleanest to pure noise
 
@@ -69,9 +75,11 @@ def generator_times(process, steps: int) -> list:
     return process.sampling_times(steps, "trailing")
 
 
-def generate(generator: Denoiser, z: torch.Tensor, cond, times: list, k: int, rng: torch.Generator) -> torch.Tensor:
-    """x0_hat of step k (0-based) of the generator from noise z (B, ...): steps 0..k-1 run without
-    gradient (backward simulation, DMD2), step k with the gradient of the generator's mode."""
+def generator_input(generator: Denoiser, z: torch.Tensor, cond, times: list, k: int,
+                    noises: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generator's input x (B, ...) and time (B,) at step k (0-based) from noise z (B, ...): steps
+    0..k-1 run without gradient (backward simulation, DMD2), each x0_hat noised afresh to the next
+    time with noises[i] (B, ...)."""
     def at(t):
         return torch.full((len(z),), t, device=z.device)
 
@@ -83,9 +91,14 @@ def generate(generator: Denoiser, z: torch.Tensor, cond, times: list, k: int, rn
         for i in range(k):
             x0 = generator(x, at(times[i]), cond)[0]
             alpha, sigma = (s.item() for s in generator.process.alpha_sigma(at(times[i + 1])[:1]))
-            x = alpha * x0 + sigma * torch.randn(z.shape, generator=rng).to(z)
+            x = alpha * x0 + sigma * noises[i]
     generator.train(training)
-    return generator(x, at(times[k]), cond)[0]
+    return x, at(times[k])
+
+
+def generate(generator: Denoiser, z: torch.Tensor, cond, times: list, k: int = 0, noises: list = ()) -> torch.Tensor:
+    """x0_hat (B, ...) of the generator's step k from noise z (B, ...), as `generator_input` describes."""
+    return generator(*generator_input(generator, z, cond, times, k, noises), cond)[0]
 
 
 def noise_at(process, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -160,6 +173,68 @@ def make_head(fake: Denoiser, example: torch.Tensor, cond) -> GANHead:
 # One iteration: the generator's turn, then the fake score's.
 
 
+class GeneratorLoss(nn.Module):
+    """The generator turn's unweighted losses on this rank's block, as a module DDP can wrap.
+
+    It holds the generator alone: the frozen teacher, the fake score and its head sit in a tuple
+    outside the module tree, so DDP neither syncs them nor waits for their gradients.
+    """
+
+    def __init__(self, generator: Denoiser, real: nn.Module, fake: Denoiser, head: GANHead | None):
+        super().__init__()
+        self.generator = generator
+        self.scores = (real, fake, head)
+
+    def forward(self, x_in, t_in, cond, t, eps, pair=None, t_gan=None, eps_gan=None):
+        """x_in, t_in: the generator's inputs; t, eps: the DM loss's noise; pair: DMD's teacher pairs
+        ("x_in", "t_in", "cond", "x"); t_gan, eps_gan: the GAN term's noise. Returns (losses, x0_hat)."""
+        real, fake, head = self.scores
+        n = len(x_in)
+        if pair is None:
+            x = self.generator(x_in, t_in, cond)[0]
+        else:  # one training pass for both: the MP U-Net renormalizes its weights once per pass
+            both = self.generator(torch.cat([x_in, pair["x_in"]]), torch.cat([t_in, pair["t_in"]]),
+                                  None if cond is None else torch.cat([cond, pair["cond"]]))[0]
+            x, x_pair = both[:n], both[n:]
+        fake.eval()
+        g = dm_gradient(real, fake, x, cond, t, eps)
+        losses = {"dm": dm_loss(x, g)}
+        if pair is not None:
+            losses["regression"] = F.mse_loss(x_pair, pair["x"])
+        if head is not None:
+            x_t = noise_at(fake.process, x, t_gan, eps_gan)
+            losses["gan_gen"] = F.softplus(-bottleneck_logits(fake, head, x_t, t_gan, cond)).mean()
+        return losses, x.detach()
+
+
+class FakeLoss(nn.Module):
+    """The fake turn's unweighted losses on this rank's block, as a module DDP can wrap (the fake score
+    and the GAN head).
+
+    One training pass over the generator's samples noised for the diffusion loss and, with the head,
+    the generator's and the real samples noised for the classifier, whose bottleneck features a hook
+    reads: the MP U-Net renormalizes its weights once per training pass.
+    """
+
+    def __init__(self, fake: Denoiser, head: GANHead | None):
+        super().__init__()
+        self.fake, self.head = fake, head
+
+    def forward(self, x_gen, cond, t, eps, x_real=None, t_gan=None, eps_gan=None) -> dict[str, torch.Tensor]:
+        if self.head is None:
+            return {"fake": loss_at(self.fake, x_gen, cond, t, eps).mean()}
+        n = len(x_gen)
+        captured = []
+        hook = self.fake.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
+        try:
+            loss = loss_at(self.fake, torch.cat([x_gen, x_gen, x_real]), None if cond is None else torch.cat([cond] * 3),
+                           torch.cat([t, t_gan]), torch.cat([eps, eps_gan]))
+        finally:
+            hook.remove()
+        logits = self.head(captured[0][n:])
+        return {"fake": loss[:n].mean(), "gan_disc": F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean()}
+
+
 @dataclass
 class Distillation:
     real: nn.Module                      # the frozen teacher (wrapped in CFG where real_cfg != 1)
@@ -171,6 +246,15 @@ class Distillation:
     grid: torch.Tensor                   # (GRID,) ascending times
     times: list                          # the generator's times
     pairs: dict[str, torch.Tensor] | None = None  # DMD: noise "z", "cond", teacher images "x"
+    ema: Denoiser = field(init=False)    # the generator's EMA: grids, FD, `diffuse sample`
+    gen_loss: nn.Module = field(init=False)   # GeneratorLoss, in DDP under a launcher
+    fake_loss: nn.Module = field(init=False)  # FakeLoss, in DDP under a launcher
+
+    def __post_init__(self):
+        self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
+        unused = hasattr(self.generator.net, "logvar")  # the MP U-Net's log-variance head: no loss here uses it
+        self.gen_loss = distributed.wrap(GeneratorLoss(self.generator, self.real, self.fake, self.head), unused)
+        self.fake_loss = distributed.wrap(FakeLoss(self.fake, self.head), unused)
 
 
 def start_distillation(teacher: Denoiser, config: Config, example: torch.Tensor, cond) -> Distillation:
@@ -216,73 +300,77 @@ def simulated_step(dist: Distillation, rng: torch.Generator) -> int:
     return int(torch.randint(0, steps, (1,), generator=rng)) if steps > 1 else 0
 
 
-def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config, rng: torch.Generator,
-                   pair_index: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
-    """One generator update; returns (its losses, the generated x0_hat detached)."""
-    d = config.distill
-    scores = [dist.fake] + ([dist.head] if dist.head else [])
-    for module in scores:  # the generator's loss must not reach the fake score or its head
-        module.requires_grad_(False)
+def normal(shape, like: torch.Tensor, rng: torch.Generator, mine: slice) -> torch.Tensor:
+    """This rank's block of a global N(0, I) draw of `shape`: the same numbers on any number of ranks."""
+    return torch.randn(shape, generator=rng)[mine].to(like)
+
+
+def simulated_input(dist: Distillation, z: torch.Tensor, cond, rng: torch.Generator):
+    """(x_in, t_in, cond) of this rank's block for the generator's simulated step, from the global
+    batch's noise z (B, ...) and conditions (B, ...)."""
+    mine = distributed.block(len(z))
     k = simulated_step(dist, rng)
+    noises = [normal(z.shape, z, rng, mine) for _ in range(k)]
+    cond = None if cond is None else cond[mine]
+    return (*generator_input(dist.generator, z[mine], cond, dist.times, k, noises), cond)
+
+
+def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config, rng: torch.Generator) -> tuple[dict, torch.Tensor]:
+    """One generator update from the global batch's noise z (B, ...) and conditions; returns its
+    losses (this rank's) and this rank's block of the generated x0_hat, detached."""
+    d, n, mine = config.distill, len(z), distributed.block(len(z))
     dist.generator.train()
-    x = generate(dist.generator, z, cond, dist.times, k, rng)
-    t = dm_times(dist, len(x), config, rng)
-    eps = torch.randn(x.shape, generator=rng).to(x)
-    dist.fake.eval()
-    g = dm_gradient(dist.real, dist.fake, x, cond, t, eps)
-    losses = {"dm": dm_loss(x, g)}
-    if d.regression > 0 and dist.pairs is not None and pair_index is not None:
-        p = {k_: v[pair_index.to(v.device)] for k_, v in dist.pairs.items()}
-        x_pair = generate(dist.generator, p["z"], p["cond"], dist.times, 0, rng)
-        losses["regression"] = d.regression * F.mse_loss(x_pair, p["x"])
+    x_in, t_in, c = simulated_input(dist, z, cond, rng)
+    extra = {}
+    if dist.pairs is not None:
+        index = torch.randint(0, len(dist.pairs["z"]), (n,), generator=rng)[mine]
+        p = {key: v[index.to(v.device)] for key, v in dist.pairs.items()}
+        x_in_pair, t_in_pair = generator_input(dist.generator, p["z"], p["cond"], dist.times, 0, [])
+        extra["pair"] = {"x_in": x_in_pair, "t_in": t_in_pair, "cond": p["cond"], "x": p["x"]}
+    t, eps = dm_times(dist, n, config, rng)[mine], normal(z.shape, z, rng, mine)
     if dist.head is not None:
-        t_gan = dm_times(dist, len(x), config, rng)
-        x_t = noise_at(dist.fake.process, x, t_gan, torch.randn(x.shape, generator=rng).to(x))
-        losses["gan_gen"] = d.gan_gen * F.softplus(-bottleneck_logits(dist.fake, dist.head, x_t, t_gan, cond)).mean()
-    total = sum(losses.values())
+        extra["t_gan"], extra["eps_gan"] = dm_times(dist, n, config, rng)[mine], normal(z.shape, z, rng, mine)
+    losses, x = dist.gen_loss(x_in, t_in, c, t, eps, **extra)
+    weights = {"dm": 1.0, "regression": d.regression, "gan_gen": d.gan_gen}
+    total = sum(weights[key] * value for key, value in losses.items())
     dist.gen_opt.zero_grad(set_to_none=True)
-    total.backward()
+    total.backward(inputs=list(dist.generator.parameters()))  # the score networks get no .grad at all
     norm = clipped_step(dist.gen_opt, dist.generator.parameters(), config.train.grad_clip)
-    dist.gen_opt.zero_grad(set_to_none=True)  # DMD2 zeroes both optimizers after the generator's step
-    dist.fake_opt.zero_grad(set_to_none=True)
-    for module in scores:
-        module.requires_grad_(True)
-    return {k_: v.item() for k_, v in losses.items()} | {"gen_grad_norm": norm}, x.detach()
+    dist.gen_opt.zero_grad(set_to_none=True)
+    return {key: weights[key] * v.item() for key, v in losses.items()} | {"gen_grad_norm": norm}, x
 
 
-def fake_turn(dist: Distillation, x_gen: torch.Tensor, cond, x_real: torch.Tensor, cond_real, config: Config,
-              rng: torch.Generator) -> dict:
-    """One update of the fake score (and the GAN head) on detached generator samples."""
-    x_gen = x_gen.detach()
+def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Config, rng: torch.Generator) -> dict:
+    """One update of the fake score (and the GAN head) on this rank's block x_gen of the generator's
+    samples (detached here), with the global batch's real images x_real (B, ...) and conditions."""
+    d, x_gen = config.distill, x_gen.detach()
+    shape = (len(x_gen) * distributed.size(), *x_gen.shape[1:])  # the global batch: it splits evenly
+    mine = distributed.block(shape[0])
+    t, eps = draw_noise(dist.fake.process, torch.empty(shape, device=x_gen.device), rng)
+    args = {"t": t[mine], "eps": eps[mine]}
+    if dist.head is not None:  # generator samples then real ones, 2B draws: this rank takes its block of each
+        index = torch.cat([torch.arange(shape[0])[mine], shape[0] + torch.arange(shape[0])[mine]])
+        t_gan, eps_gan = dm_times(dist, 2 * shape[0], config, rng), torch.randn((2 * shape[0], *shape[1:]), generator=rng)
+        args |= {"x_real": x_real[mine], "t_gan": t_gan[index.to(t_gan.device)], "eps_gan": eps_gan[index].to(x_gen)}
     dist.fake.train()
+    losses = dist.fake_loss(x_gen, None if cond is None else cond[mine], **args)
+    weights = {"fake": 1.0, "gan_disc": d.gan_disc}
+    total = sum(weights[key] * value for key, value in losses.items())
     dist.fake_opt.zero_grad(set_to_none=True)
-    loss = diffusion_loss(dist.fake, x_gen, cond, rng).mean()  # the teacher's own loss, its training density
-    loss.backward()
-    out = {"fake": loss.item()}
-    if dist.head is not None:
-        # one forward over fake and real samples: the MP U-Net allows one training pass per backward
-        x = torch.cat([x_gen, x_real.detach()])
-        c = torch.cat([cond, cond_real]) if cond is not None else None
-        t = dm_times(dist, len(x), config, rng)
-        x_t = noise_at(dist.fake.process, x, t, torch.randn(x.shape, generator=rng).to(x))
-        logits = bottleneck_logits(dist.fake, dist.head, x_t, t, c)
-        fake_logits, real_logits = logits[:len(x_gen)], logits[len(x_gen):]
-        disc = config.distill.gan_disc * (F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean())
-        disc.backward()
-        out["gan_disc"] = disc.item()
+    total.backward()
     params = [p for group in dist.fake_opt.param_groups for p in group["params"]]
-    out["fake_grad_norm"] = clipped_step(dist.fake_opt, params, config.train.grad_clip)
+    norm = clipped_step(dist.fake_opt, params, config.train.grad_clip)
     dist.fake_opt.zero_grad(set_to_none=True)
-    return out
+    return {key: weights[key] * v.item() for key, v in losses.items()} | {"fake_grad_norm": norm}
 
 
 @torch.no_grad()
 def sample_generator(dist: Distillation, z: torch.Tensor, cond, rng: torch.Generator) -> torch.Tensor:
-    """A generator sample, without gradient, for an iteration without a generator turn; for a k-step
-    generator the x0_hat of a step drawn as in the generator's turn."""
-    k = simulated_step(dist, rng)
+    """This rank's block of generator samples, without gradient, for an iteration without a generator
+    turn; for a k-step generator the x0_hat of a step drawn as in the generator's turn."""
     dist.generator.eval()
-    return generate(dist.generator, z, cond, dist.times, k, rng)
+    x_in, t_in, c = simulated_input(dist, z, cond, rng)
+    return dist.generator(x_in, t_in, c)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,15 +379,24 @@ def sample_generator(dist: Distillation, z: torch.Tensor, cond, rng: torch.Gener
 
 def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torch.device = "cpu",
             progress: bool | None = None, log=print) -> Path:
-    """Distill (or resume distilling) the teacher run into the student run in `run_dir`."""
+    """Distill (or resume distilling) the teacher run into the student run in `run_dir`.
+
+    Under a launcher every rank runs this loop on its block of the global batch, as `train` does:
+    all the randomness is drawn for the whole batch, DDP averages each network's gradients, rank 0
+    alone writes the run directory."""
     run_dir, t, d = Path(run_dir), config.train, config.distill
-    progress = sys.stderr.isatty() if progress is None else progress
+    main = distributed.is_main()
+    progress = main and (sys.stderr.isatty() if progress is None else progress)
+    log = log if main else silent
     config = resume_config(run_dir, config)
+    distributed.check_batch(t.batch)
     if t.threads:
         torch.set_num_threads(t.threads)
     _, teacher = load_denoiser(Path(teacher_dir), "ema", device)
     data = load_train_data(config.data, scaling_of(config), seed=t.seed)
-    write_config(run_dir, config)
+    distributed.barrier()  # every rank has read the run directory before rank 0 writes to it
+    if main:
+        write_config(run_dir, config)
     data.x, data.y, data.cond = data.x.to(device), data.y.to(device), data.cond.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(t.seed, "init"))
@@ -311,7 +408,8 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
         f"{'resuming at' if nimg else 'starting at'} {nimg / 1000:g} kimg of {t.kimg:g}")
 
     total, metrics = round(t.kimg * 1000), run_dir / "metrics.jsonl"
-    trim_events(metrics, nimg)
+    if main:
+        trim_events(metrics, nimg)
     window: dict[str, list[float]] = {}
     seconds = 0.0
     bar = tqdm(total=total, initial=min(nimg, total), unit="img", desc="distilling", disable=not progress)
@@ -320,7 +418,8 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
             start = time.perf_counter()
             step = nimg // t.batch
             rng = torch.Generator().manual_seed(derive_seed(t.seed, "distill", step))
-            torch.manual_seed(derive_seed(t.seed, "dropout", step))
+            seed = derive_seed(t.seed, "dropout", step)  # dropout draws from the global generator
+            torch.manual_seed(seed if main else derive_seed(seed, "rank", distributed.rank()))
             x_real, cond, _ = batch_at(data, step, t.batch, t.seed)
             z = torch.randn(x_real.shape, generator=rng).to(x_real)
             lr = learning_rate(t, nimg)
@@ -328,15 +427,15 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
             set_lr(dist.fake_opt, lr)
             out = {}
             if step % d.gen_every == 0:
-                pair_index = (torch.randint(0, len(dist.pairs["z"]), (t.batch,), generator=rng)
-                              if dist.pairs is not None else None)
-                out, x_gen = generator_turn(dist, z, cond, config, rng, pair_index)
+                out, x_gen = generator_turn(dist, z, cond, config, rng)
             else:
                 x_gen = sample_generator(dist, z, cond, rng)
-            out |= fake_turn(dist, x_gen, cond, x_real, cond, config, rng)
+            out |= fake_turn(dist, x_gen, x_real, cond, config, rng)
+            out = distributed.mean(out, x_real.device)  # each rank's losses are its block's
             if not all(math.isfinite(v) for v in out.values()):
                 raise Diverged(f"step {step + 1} had non-finite losses {out}; the newest checkpoint holds the last "
                                "good state; lower train.lr.")
+            update_ema(dist.ema, dist.generator, ema_beta(nimg, t.batch, t.ema_halflife_kimg, t.ema_rampup))
             for key, value in out.items():
                 window.setdefault(key, []).append(value)
             seconds += time.perf_counter() - start
@@ -344,25 +443,24 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
             where = {"step": step + 1, "kimg": nimg / 1000}
             bar.update(t.batch)
             done = nimg >= total
+            stopping = distributed.agree(stop.requested, device)  # read once: a later signal waits a step
             fd_due = t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done)
-            logged = crossed(before, nimg, t.log_kimg) or done
+            logged = main and (crossed(before, nimg, t.log_kimg) or done)
             if logged:
                 means = {k: sum(v) / len(v) for k, v in window.items()}
-                images = sum(len(v) for k, v in window.items() if k == "fake") * t.batch
-                append_jsonl(metrics, {"event": "train", **where, "lr": lr, "loss": means.get("fake", math.nan),
+                images = len(window["fake"]) * t.batch
+                append_jsonl(metrics, {"event": "train", **where, "lr": lr, "loss": means["fake"],
                                        **{k if k.endswith("grad_norm") else f"loss_{k}": v for k, v in means.items()},
                                        "img_per_s": images / max(seconds, 1e-9), "train_seconds": seconds})
                 window, seconds = {}, 0.0
-            dist.generator.eval()
-            if crossed(before, nimg, t.grid_kimg) or done:
+            if main and (crossed(before, nimg, t.grid_kimg) or done):
                 path = run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png"
-                append_jsonl(metrics, {"event": "grid", **where, "seconds": timed(write_grid, dist.generator, config,
+                append_jsonl(metrics, {"event": "grid", **where, "seconds": timed(write_grid, dist.ema, config,
                                                                                   data, path)})
-            fd = training_fd(dist.generator, config, data) if fd_due else None
-            if fd:
+            fd = training_fd(dist.ema, config, data) if fd_due else None  # on every rank: each samples its block
+            if fd and main:
                 append_jsonl(metrics, {"event": "fd", **where, **fd})
-            stopping = stop.requested  # read once: a signal arriving after this waits for the next step
-            if crossed(before, nimg, t.checkpoint_kimg) or done or fd or stopping:
+            if main and (crossed(before, nimg, t.checkpoint_kimg) or done or fd or stopping):
                 save(run_dir, step + 1, nimg, config, dist, fd and fd["fd"])
             if logged:
                 write_report(run_dir)
@@ -388,28 +486,30 @@ def teacher_pairs(run_dir: Path, teacher: Denoiser, config: Config, data, log) -
         seeds = image_seeds(derive_seed(config.train.seed, "pairs"), d.pairs)
         shape = tuple(data.x.shape[1:])
         settings = {**config.sample.sampler_args(), "sampler": "heun" if isinstance(teacher.process, EDM) else "ddim", "steps": d.pair_steps, "eta": 0.0, "S_churn": 0.0, "cfg": d.real_cfg}
-        x = sample(teacher, shape, cond, seeds, **settings)
+        mine = distributed.block(d.pairs)  # each rank samples its block of the pairs
+        x = distributed.gather(sample(teacher, shape, cond[mine], seeds[mine], **settings), d.pairs)
         z = ImageNoise(seeds)(torch.empty((len(seeds), *shape)))
-        pairs = {"z": z, "cond": cond.cpu(), "x": x}
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in pairs.items()}, tmp)
-        fsync_path(tmp)
-        tmp.replace(path)
+        pairs = {"z": z, "cond": cond.cpu(), "x": x.cpu()}
+        if distributed.is_main():
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({k: v.contiguous() for k, v in pairs.items()}, tmp)
+            fsync_path(tmp)
+            tmp.replace(path)
         log(f"teacher pairs: {d.pairs} samples of {settings['steps']} {settings['sampler']} steps "
             f"({time.perf_counter() - start:.0f} s)")
     return {k: v.to(data.x.device) for k, v in pairs.items()}
 
 
 def save(run_dir: Path, step: int, nimg: int, config: Config, dist: Distillation, fd: float | None) -> None:
-    """Checkpoint: the generator as `model` and `ema` (DMD keeps no EMA; `diffuse sample` reads `ema`),
-    the fake score, the head and both optimizers."""
-    for name, module in (("generator", dist.generator), ("fake score", dist.fake)):
+    """Checkpoint: the generator as `model`, its EMA as `ema` (what `diffuse sample` reads), the fake
+    score, the head and both optimizers."""
+    for name, module in (("generator", dist.generator), ("generator EMA", dist.ema), ("fake score", dist.fake)):
         if not all(torch.isfinite(p).all() for p in module.parameters()):
             raise Diverged(f"the {name} weights at step {step} are not finite; no checkpoint was written; lower "
                            "train.lr.")
     gen_opt, gen_rest = split_optimizer_state(dist.gen_opt.state_dict())
     fake_opt, fake_rest = split_optimizer_state(dist.fake_opt.state_dict())
-    tensors = {"model": dist.generator.net.state_dict(), "ema": dist.generator.net.state_dict(),
+    tensors = {"model": dist.generator.net.state_dict(), "ema": dist.ema.net.state_dict(),
                "optimizer": gen_opt, "fake": dist.fake.net.state_dict(), "fake_optimizer": fake_opt}
     if dist.head is not None:
         tensors["head"] = dist.head.state_dict()
@@ -426,6 +526,7 @@ def restore(run_dir: Path, dist: Distillation, log) -> int:
     path, tensors, state = found
     try:
         dist.generator.net.load_state_dict(tensors["model"])
+        dist.ema.net.load_state_dict(tensors["ema"])
         dist.fake.net.load_state_dict(tensors["fake"])
         if dist.head is not None:
             dist.head.load_state_dict(tensors["head"])

@@ -25,6 +25,8 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from diffuse.errors import UserError
 
@@ -44,6 +46,17 @@ def rank_device(device: torch.device) -> torch.device:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     return device
+
+
+def wrap(module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+    """`module` in DistributedDataParallel under a launcher, so that a backward through its output
+    averages its parameters' gradients over the ranks; the module itself in one process.
+    find_unused_parameters: some parameters get no gradient in some steps (DDP must not wait for them)."""
+    if size() == 1:
+        return module
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 def stop() -> None:
@@ -101,8 +114,13 @@ def all_sum(x: np.ndarray | float, device: torch.device) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def mean(value: float, device: torch.device) -> float:
-    """The mean over ranks of a number (a loss, say)."""
+def mean(value, device: torch.device):
+    """The mean over ranks of a number (a loss, say), or of each number of a dict of them."""
+    if size() == 1:
+        return value
+    if isinstance(value, dict):
+        sums = all_sum([value[key] for key in value], device)
+        return {key: float(total) / size() for key, total in zip(value, sums)}
     return float(all_sum(value, device)) / size()
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from diffuse import distributed
@@ -172,13 +171,8 @@ def training_loss(denoiser: Denoiser, config: Config) -> nn.Module:
     """The module a training step calls: `BlockLoss`, wrapped in DistributedDataParallel under a launcher."""
     uncertainty = config.train.loss_weighting == "uncertainty"
     model = BlockLoss(denoiser, config.model.cond_drop, uncertainty)
-    if distributed.size() == 1:
-        return model
-    device = next(denoiser.parameters()).device
     # the MP U-Net's log-variance head gets no gradient without the uncertainty loss
-    unused = hasattr(denoiser.net, "logvar") and not uncertainty
-    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
-                                   find_unused_parameters=unused)
+    return distributed.wrap(model, find_unused_parameters=hasattr(denoiser.net, "logvar") and not uncertainty)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, cond: torch.Tensor,
