@@ -148,8 +148,8 @@ def test_dmd2_moves_a_one_step_generator_onto_a_mixture_with_an_exact_score():
 
 
 def test_diffuse_distill_resumes_exactly_and_samples_in_one_step(tmp_path, tiny):
-    """A tiny DMD2 run stopped half-way and resumed ends bit-identical to a straight one; the student
-    samples with `diffuse sample --steps 1`; bad requests are one sentence and exit code 2."""
+    """A tiny DMD2 run stopped half-way and resumed ends bit-identical to a straight one (generator,
+    its EMA, fake score, head, both optimizers); the student samples with `diffuse sample --steps 1`; bad requests are one sentence and exit code 2."""
     teacher = train(tiny(), tmp_path / "teacher", log=lambda *a: None)
     common = ["distill", str(teacher), "--preset", "dmd2", "--set", "train.batch=16", "--set", "train.log_kimg=0.064",
               "--set", "train.grid_kimg=0.128", "--set", "train.checkpoint_kimg=0.064", "--set", "train.fd_kimg=0",
@@ -158,11 +158,13 @@ def test_diffuse_distill_resumes_exactly_and_samples_in_one_step(tmp_path, tiny)
     assert main([*common, "--set", "train.kimg=0.064", "--out", str(tmp_path / "resumed")]) == 0
     assert main([*common, "--set", "train.kimg=0.128", "--out", str(tmp_path / "resumed")]) == 0
     a, b = latest_checkpoint(tmp_path / "straight"), latest_checkpoint(tmp_path / "resumed")
-    for stem in ("model", "fake", "head", "optimizer", "fake_optimizer"):
+    for stem in ("model", "ema", "fake", "head", "optimizer", "fake_optimizer"):
         x, y = (load_file(c / f"{stem}.safetensors") for c in (a, b))
         assert all(torch.equal(x[k], y[k]) for k in x), stem
     teacher_weights = load_file(latest_checkpoint(teacher) / "ema.safetensors")
-    assert any(not torch.equal(teacher_weights[k], v) for k, v in load_file(a / "model.safetensors").items())
+    generator, ema = load_file(a / "model.safetensors"), load_file(a / "ema.safetensors")
+    assert any(not torch.equal(teacher_weights[k], v) for k, v in generator.items())
+    assert any(not torch.equal(ema[k], v) for k, v in generator.items())  # the EMA lags the generator
     out = tmp_path / "s.npz"
     assert main(["sample", str(tmp_path / "straight"), "--n", "20", "--steps", "1", "--out", str(out)]) == 0
     assert np.load(out)["images"].shape == (20, 28, 28, 1)
