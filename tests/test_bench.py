@@ -44,6 +44,10 @@ def test_bench_json_has_the_machine_the_peak_and_both_precisions(capsys):
     plain_step = train_step_flops(load_config("fmnist-tiny"), 4, torch.device("cpu"))
     assert fp32["flops_per_step"] == bf16["flops_per_step"] == plain_step
     assert result["bf16_over_fp32"] == pytest.approx(bf16["img_per_s"] / fp32["img_per_s"])
+    # the profiled share of the step inside the counted operations, and their rate while in them
+    counted = result["train_counted_ops"]
+    assert 0 < counted["share_of_step"] < 1
+    assert counted["of_peak"] == pytest.approx(fp32["of_peak"] / counted["share_of_step"])
     s = result["sample"]
     assert s["nfe"] == 4  # 2 DDIM steps, each evaluating the conditional and the unconditional image
     assert s["img_per_s"] > 0 and s["img_evals_per_s"] == pytest.approx(4 * s["img_per_s"])

@@ -146,6 +146,37 @@ def bench_train(config: Config, batch: int, steps: int, device: torch.device, fl
             "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
 
 
+# The operations FlopCounterMode counts, as the CPU profiler names them: their kernels run inside.
+COUNTED_OPS = {"aten::mkldnn_convolution", "aten::convolution_backward", "aten::mm", "aten::bmm", "aten::addmm",
+               "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+               "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def counted_op_share(config: Config, batch: int, device: torch.device, steps: int = 3) -> float | None:
+    """The share of a plain fp32 training step's wall time spent inside the operations the FLOP counter
+    counts (convolutions, matrix products, attention), from torch.profiler's self times over `steps`
+    steps after WARMUP_STEPS: the rest is elementwise work, normalization, copies, the optimizer and
+    Python. CPU only (on CUDA the profiler's CPU times are launch times); None elsewhere."""
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(config.train.seed)
+    denoiser = build_denoiser(config).to(device)
+    optimizer = adamw_of_the_loop(denoiser, config)
+    x0, cond = random_batch(config, batch, device)
+    model = training_loss(denoiser, config)
+    for step in range(WARMUP_STEPS):
+        train_step(model, optimizer, x0, cond, config.train.lr, config, seed=step)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for step in range(steps):
+            train_step(model, optimizer, x0, cond, config.train.lr, config, seed=step)
+        wall = time.perf_counter() - start
+    inside = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in COUNTED_OPS) / 1e6
+    return inside / wall
+
+
 class NetEvaluations:
     """Counts the images the network sees: guidance's doubled batch counts twice, heun's second
     evaluation once more, so NFE per image is exact for every sampler."""
@@ -216,9 +247,13 @@ def run_bench(config: Config, label: str, overrides: list[str], what: str, batch
     if what in ("train", "all"):
         train_batch = batch or config.train.batch
         flops = train_step_flops(config, train_batch, device)
-        runs = [bench_train(c, train_batch, steps, device, flops, peaks[c.train.precision])
-                for c in precision_variants(config, overrides)]
+        variants = precision_variants(config, overrides)
+        runs = [bench_train(c, train_batch, steps, device, flops, peaks[c.train.precision]) for c in variants]
         result["train"] = runs
+        for variant, run in zip(variants, runs):
+            share = counted_op_share(variant, train_batch, device) if run["precision"] == "fp32" else None
+            if share:  # the counted work's own rate: what of_peak would be if nothing else took time
+                result["train_counted_ops"] = {"share_of_step": share, "of_peak": run["of_peak"] / share}
         by_precision = {r["precision"]: r["img_per_s"] for r in runs}
         if len(by_precision) == 2:
             result["bf16_over_fp32"] = by_precision["bf16"] / by_precision["fp32"]
@@ -241,6 +276,10 @@ def format_report(result: dict) -> str:
             lines.append(f"       {r['precision']:<9}  {str(r['channels_last']).lower():<13}  "
                          f"{str(r['compile']).lower():<7}  {r['batch']:<5}  {r['img_per_s']:<7.1f}  "
                          f"{r['achieved_gflops']:<7.1f}  {r['of_peak']:.3f}")
+        if "train_counted_ops" in result:
+            c = result["train_counted_ops"]
+            lines.append(f"fp32: convolutions and matrix products take {c['share_of_step']:.0%} of the step and run at "
+                         f"{c['of_peak']:.3f} of the peak while they do")
         if "bf16_over_fp32" in result:
             lines.append(f"bf16 / fp32 training images/s: {result['bf16_over_fp32']:.2f}")
     if "sample" in result:
