@@ -227,8 +227,9 @@ class FakeLoss(nn.Module):
         captured = []
         hook = self.fake.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
         try:
-            loss = loss_at(self.fake, torch.cat([x_gen, x_gen, x_real]), None if cond is None else torch.cat([cond] * 3),
-                           torch.cat([t, t_gan]), torch.cat([eps, eps_gan]))
+            conds = None if cond is None else torch.cat([cond] * 3)
+            loss = loss_at(self.fake, torch.cat([x_gen, x_gen, x_real]), conds, torch.cat([t, t_gan]),
+                           torch.cat([eps, eps_gan]))
         finally:
             hook.remove()
         logits = self.head(captured[0][n:])
@@ -315,7 +316,8 @@ def simulated_input(dist: Distillation, z: torch.Tensor, cond, rng: torch.Genera
     return (*generator_input(dist.generator, z[mine], cond, dist.times, k, noises), cond)
 
 
-def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config, rng: torch.Generator) -> tuple[dict, torch.Tensor]:
+def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config,
+                   rng: torch.Generator) -> tuple[dict, torch.Tensor]:
     """One generator update from the global batch's noise z (B, ...) and conditions; returns its
     losses (this rank's) and this rank's block of the generated x0_hat, detached."""
     d, n, mine = config.distill, len(z), distributed.block(len(z))
@@ -350,7 +352,8 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
     args = {"t": t[mine], "eps": eps[mine]}
     if dist.head is not None:  # generator samples then real ones, 2B draws: this rank takes its block of each
         index = torch.cat([torch.arange(shape[0])[mine], shape[0] + torch.arange(shape[0])[mine]])
-        t_gan, eps_gan = dm_times(dist, 2 * shape[0], config, rng), torch.randn((2 * shape[0], *shape[1:]), generator=rng)
+        t_gan = dm_times(dist, 2 * shape[0], config, rng)
+        eps_gan = torch.randn((2 * shape[0], *shape[1:]), generator=rng)
         args |= {"x_real": x_real[mine], "t_gan": t_gan[index.to(t_gan.device)], "eps_gan": eps_gan[index].to(x_gen)}
     dist.fake.train()
     losses = dist.fake_loss(x_gen, None if cond is None else cond[mine], **args)
@@ -485,7 +488,8 @@ def teacher_pairs(run_dir: Path, teacher: Denoiser, config: Config, data, log) -
         cond = data.cond[index.to(device)]
         seeds = image_seeds(derive_seed(config.train.seed, "pairs"), d.pairs)
         shape = tuple(data.x.shape[1:])
-        settings = {**config.sample.sampler_args(), "sampler": "heun" if isinstance(teacher.process, EDM) else "ddim", "steps": d.pair_steps, "eta": 0.0, "S_churn": 0.0, "cfg": d.real_cfg}
+        settings = {**config.sample.sampler_args(), "sampler": "heun" if isinstance(teacher.process, EDM) else "ddim",
+                    "steps": d.pair_steps, "eta": 0.0, "S_churn": 0.0, "cfg": d.real_cfg}
         mine = distributed.block(d.pairs)  # each rank samples its block of the pairs
         x = distributed.gather(sample(teacher, shape, cond[mine], seeds[mine], **settings), d.pairs)
         z = ImageNoise(seeds)(torch.empty((len(seeds), *shape)))
