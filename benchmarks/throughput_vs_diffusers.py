@@ -142,6 +142,10 @@ def tables(ours: dict, unguided: dict, peer: dict, ratios: dict) -> str:
                  f"{ratios['train_img_per_s_bf16']:.2f} |")
     lines.append(f"| bf16 / fp32 img/s, ours | | {ratios['bf16_over_fp32_ours']:.2f} |")
     lines.append(f"| bf16 / fp32 img/s, peer | | {ratios['bf16_over_fp32_peer']:.2f} |")
+    if "train_counted_ops" in ours:
+        c = ours["train_counted_ops"]
+        lines.append(f"\nours, fp32: convolutions and matrix products take {c['share_of_step']:.0%} of the step "
+                     f"(torch.profiler) and run at {c['of_peak']:.3f} of the peak while they do")
     lines += ["", f"Sampling, batch {BATCH}, 25 DDIM steps:", "",
               "| model | cfg | NFE per image | img/s | image evaluations/s |", "|---|---|---|---|---|"]
     for name, s in (("diffuse fmnist", ours["sample"]), ("diffuse fmnist", unguided["sample"]),
