@@ -6,9 +6,9 @@ here launches processes or moves bytes by hand: gradients go through Distributed
 everything else through torch.distributed's collectives.
 
 How a run stays independent of the number of ranks:
-- training: every rank draws the whole global batch and its noise from (seed, step) and trains on
-  its own contiguous block of it; DDP averages the blocks' gradients, which is the gradient of the
-  global batch's mean loss (`block`);
+- training and distillation: every rank draws the whole global batch and its noise from
+  (seed, step) and trains on its own contiguous block of it; DDP averages the blocks' gradients,
+  which is the gradient of the global batch's mean loss (`block`, `wrap`);
 - sampling: image i's noise comes from its own seed, rank r samples a contiguous block of the
   images and the blocks are gathered in order (`gather`);
 - FD: each rank adds up the float64 feature sums of its block and the sums are added across
