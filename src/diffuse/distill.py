@@ -208,32 +208,23 @@ class GeneratorLoss(nn.Module):
 
 
 class FakeLoss(nn.Module):
-    """The fake turn's unweighted losses on this rank's block, as a module DDP can wrap (the fake score
-    and the GAN head).
+    """The fake turn's two passes on this rank's block, as a module DDP can wrap (the fake score and
+    the GAN head): the fake score's per-sample diffusion loss on generator samples, or (gan=True)
+    the head's logits on noised samples from the fake score's bottleneck.
 
-    One training pass over the generator's samples noised for the diffusion loss and, with the head,
-    the generator's and the real samples noised for the classifier, whose bottleneck features a hook
-    reads: the MP U-Net renormalizes its weights once per training pass.
+    Each pass is followed by its own backward (DDP needs a backward after every forward, and the MP
+    U-Net renormalizes its weights in every training pass); the classifier's backward stops at the
+    bottleneck, so the decoder costs it nothing.
     """
 
     def __init__(self, fake: Denoiser, head: GANHead | None):
         super().__init__()
         self.fake, self.head = fake, head
 
-    def forward(self, x_gen, cond, t, eps, x_real=None, t_gan=None, eps_gan=None) -> dict[str, torch.Tensor]:
-        if self.head is None:
-            return {"fake": loss_at(self.fake, x_gen, cond, t, eps).mean()}
-        n = len(x_gen)
-        captured = []
-        hook = self.fake.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
-        try:
-            conds = None if cond is None else torch.cat([cond] * 3)
-            loss = loss_at(self.fake, torch.cat([x_gen, x_gen, x_real]), conds, torch.cat([t, t_gan]),
-                           torch.cat([eps, eps_gan]))
-        finally:
-            hook.remove()
-        logits = self.head(captured[0][n:])
-        return {"fake": loss[:n].mean(), "gan_disc": F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean()}
+    def forward(self, x, cond, t, eps, gan: bool = False) -> torch.Tensor:
+        if not gan:
+            return loss_at(self.fake, x, cond, t, eps)
+        return bottleneck_logits(self.fake, self.head, noise_at(self.fake.process, x, t, eps), t, cond)
 
 
 @dataclass
@@ -255,7 +246,8 @@ class Distillation:
         self.ema = copy.deepcopy(self.generator).eval().requires_grad_(False)
         unused = hasattr(self.generator.net, "logvar")  # the MP U-Net's log-variance head: no loss here uses it
         self.gen_loss = distributed.wrap(GeneratorLoss(self.generator, self.real, self.fake, self.head), unused)
-        self.fake_loss = distributed.wrap(FakeLoss(self.fake, self.head), unused)
+        # each of the fake turn's passes leaves part of FakeLoss unused: the head, or the decoder
+        self.fake_loss = distributed.wrap(FakeLoss(self.fake, self.head), unused or self.head is not None)
 
 
 def start_distillation(teacher: Denoiser, config: Config, example: torch.Tensor, cond) -> Distillation:
@@ -345,26 +337,31 @@ def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config,
 def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Config, rng: torch.Generator) -> dict:
     """One update of the fake score (and the GAN head) on this rank's block x_gen of the generator's
     samples (detached here), with the global batch's real images x_real (B, ...) and conditions."""
-    d, x_gen = config.distill, x_gen.detach()
+    x_gen = x_gen.detach()
     shape = (len(x_gen) * distributed.size(), *x_gen.shape[1:])  # the global batch: it splits evenly
     mine = distributed.block(shape[0])
+    c = None if cond is None else cond[mine]
     t, eps = draw_noise(dist.fake.process, torch.empty(shape, device=x_gen.device), rng)
-    args = {"t": t[mine], "eps": eps[mine]}
-    if dist.head is not None:  # generator samples then real ones, 2B draws: this rank takes its block of each
-        index = torch.cat([torch.arange(shape[0])[mine], shape[0] + torch.arange(shape[0])[mine]])
-        t_gan = dm_times(dist, 2 * shape[0], config, rng)
-        eps_gan = torch.randn((2 * shape[0], *shape[1:]), generator=rng)
-        args |= {"x_real": x_real[mine], "t_gan": t_gan[index.to(t_gan.device)], "eps_gan": eps_gan[index].to(x_gen)}
     dist.fake.train()
-    losses = dist.fake_loss(x_gen, None if cond is None else cond[mine], **args)
-    weights = {"fake": 1.0, "gan_disc": d.gan_disc}
-    total = sum(weights[key] * value for key, value in losses.items())
     dist.fake_opt.zero_grad(set_to_none=True)
-    total.backward()
+    loss = dist.fake_loss(x_gen, c, t[mine], eps[mine]).mean()  # the teacher's own loss and training density
+    loss.backward()
+    out = {"fake": loss.item()}
+    if dist.head is not None:  # generator samples, then real ones: 2B draws, this rank takes its block of each
+        index = torch.cat([torch.arange(shape[0])[mine], shape[0] + torch.arange(shape[0])[mine]])
+        t_gan = dm_times(dist, 2 * shape[0], config, rng)[index.to(dist.grid.device)]
+        eps_gan = torch.randn((2 * shape[0], *shape[1:]), generator=rng)[index].to(x_gen)
+        # one pass over both halves: the MP U-Net renormalizes its weights once per training pass
+        logits = dist.fake_loss(torch.cat([x_gen, x_real[mine]]), None if c is None else torch.cat([c, c]), t_gan,
+                                eps_gan, gan=True)
+        n = len(x_gen)
+        disc = config.distill.gan_disc * (F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean())
+        disc.backward()
+        out["gan_disc"] = disc.item()
     params = [p for group in dist.fake_opt.param_groups for p in group["params"]]
-    norm = clipped_step(dist.fake_opt, params, config.train.grad_clip)
+    out["fake_grad_norm"] = clipped_step(dist.fake_opt, params, config.train.grad_clip)
     dist.fake_opt.zero_grad(set_to_none=True)
-    return {key: weights[key] * v.item() for key, v in losses.items()} | {"fake_grad_norm": norm}
+    return out
 
 
 @torch.no_grad()
