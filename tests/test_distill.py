@@ -130,7 +130,7 @@ def test_dmd2_moves_a_one_step_generator_onto_a_mixture_with_an_exact_score():
     def report():
         z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
-            x = D.generate(generator.eval(), z, None, dist.times)
+            x = generator.eval()(*D.generator_input(generator, z, None, dist.times, 0, []))[0]
         share = torch.bincount(torch.cdist(x.double(), MU).argmin(1), minlength=MODES) / len(x)
         return mixture_report(x) | {"share": share}
 

@@ -96,11 +96,6 @@ def generator_input(generator: Denoiser, z: torch.Tensor, cond, times: list, k: 
     return x, at(times[k])
 
 
-def generate(generator: Denoiser, z: torch.Tensor, cond, times: list, k: int = 0, noises: list = ()) -> torch.Tensor:
-    """x0_hat (B, ...) of the generator's step k from noise z (B, ...), as `generator_input` describes."""
-    return generator(*generator_input(generator, z, cond, times, k, noises), cond)[0]
-
-
 def noise_at(process, x: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     alpha, sigma = process.alpha_sigma(t)
     return append_dims(alpha, x) * x + append_dims(sigma, x) * eps
@@ -143,29 +138,27 @@ class GANHead(nn.Module):
         return self.out(h)[:, 0]
 
 
-def bottleneck_logits(fake: Denoiser, head: GANHead, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-    """The head's logits (B,) on the fake score's bottleneck for the noisy x_t (B, ...)."""
+def bottleneck(fake: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """The fake score's bottleneck features for the noisy x_t (B, ...), read by a hook in a forward pass."""
     captured = []
     hook = fake.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
     try:
         fake.raw(x_t, t, cond)
     finally:
         hook.remove()
-    return head(captured[0])
+    return captured[0]
 
 
+def bottleneck_logits(fake: Denoiser, head: GANHead, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """The head's logits (B,) on the fake score's bottleneck for the noisy x_t (B, ...)."""
+    return head(bottleneck(fake, x_t, t, cond))
+
+
+@torch.no_grad()
 def make_head(fake: Denoiser, example: torch.Tensor, cond) -> GANHead:
     """A GAN head sized to the fake score's bottleneck, found by one forward pass on `example` (1, ...)."""
-    captured = []
-    hook = fake.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
-    try:
-        with torch.no_grad():
-            fake.eval()
-            t = time_grid(fake.process)[GRID // 2].expand(1).to(example.device)
-            fake.raw(example, t, cond)
-    finally:
-        hook.remove()
-    h = captured[0]
+    fake.eval()
+    h = bottleneck(fake, example, time_grid(fake.process)[GRID // 2].expand(1).to(example.device), cond)
     return GANHead(h.shape[1], spatial=h.ndim == 4).to(example.device)
 
 
