@@ -121,23 +121,37 @@ def train_step_flops(config: Config, batch: int, device: torch.device) -> int:
     return step_flops(denoiser, plain, *random_batch(plain, batch, device))
 
 
-def bench_train(config: Config, batch: int, steps: int, device: torch.device, flops: int, peak_gflops: float) -> dict:
-    """Images/s and achieved GFLOP/s (`flops` per step) of `train_step` with this config's switches,
-    over `steps` timed steps after WARMUP_STEPS; seconds per step is the median, so one stall does
-    not move it."""
+def prepared_step(config: Config, batch: int, device: torch.device):
+    """A fresh net with this config's switches, the loop's optimizer and a random batch; returns
+    step(i), one `train_step`, already run WARMUP_STEPS times (untimed: allocation, kernel choice,
+    compiling)."""
     torch.manual_seed(config.train.seed)
     denoiser = build_denoiser(config).to(device)
     prepare(denoiser.net, config.train)
     optimizer = adamw_of_the_loop(denoiser, config)
     x0, cond = random_batch(config, batch, device)
-    model, seconds = training_loss(denoiser, config), []
-    for step in range(WARMUP_STEPS + steps):
+    model = training_loss(denoiser, config)
+
+    def step(i: int) -> None:
+        train_step(model, optimizer, x0, cond, config.train.lr, config, derive_seed(config.train.seed, "step", i))
+
+    for i in range(WARMUP_STEPS):
+        step(i)
+    return step
+
+
+def bench_train(config: Config, batch: int, steps: int, device: torch.device, flops: int, peak_gflops: float) -> dict:
+    """Images/s and achieved GFLOP/s (`flops` per step) of `train_step` with this config's switches,
+    over `steps` timed steps after WARMUP_STEPS; seconds per step is the median, so one stall does
+    not move it."""
+    step, seconds = prepared_step(config, batch, device), []
+    for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
         synchronize(device)
         start = time.perf_counter()
-        train_step(model, optimizer, x0, cond, config.train.lr, config, derive_seed(config.train.seed, "step", step))
+        step(i)
         synchronize(device)  # train_step reads the loss with .item(), which waits too; this keeps it explicit
         seconds.append(time.perf_counter() - start)
-    per_step = statistics.median(seconds[WARMUP_STEPS:])
+    per_step = statistics.median(seconds)
     achieved = flops / per_step / 1e9
     t = config.train
     return {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile, "batch": batch,
@@ -153,25 +167,19 @@ COUNTED_OPS = {"aten::mkldnn_convolution", "aten::convolution_backward", "aten::
 
 
 def counted_op_share(config: Config, batch: int, device: torch.device, steps: int = 3) -> float | None:
-    """The share of a plain fp32 training step's wall time spent inside the operations the FLOP counter
-    counts (convolutions, matrix products, attention), from torch.profiler's self times over `steps`
-    steps after WARMUP_STEPS: the rest is elementwise work, normalization, copies, the optimizer and
-    Python. CPU only (on CUDA the profiler's CPU times are launch times); None elsewhere."""
+    """The share of a training step's wall time (this config's switches) spent inside the operations
+    the FLOP counter counts (convolutions, matrix products, attention), from torch.profiler's self
+    times over `steps` steps after WARMUP_STEPS: the rest is elementwise work, normalization, copies,
+    the optimizer and Python. CPU only (on CUDA the profiler's CPU times are launch times); None elsewhere."""
     if device.type != "cpu":
         return None
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(config.train.seed)
-    denoiser = build_denoiser(config).to(device)
-    optimizer = adamw_of_the_loop(denoiser, config)
-    x0, cond = random_batch(config, batch, device)
-    model = training_loss(denoiser, config)
-    for step in range(WARMUP_STEPS):
-        train_step(model, optimizer, x0, cond, config.train.lr, config, seed=step)
+    step = prepared_step(config, batch, device)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        for step in range(steps):
-            train_step(model, optimizer, x0, cond, config.train.lr, config, seed=step)
+        for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
+            step(i)
         wall = time.perf_counter() - start
     inside = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in COUNTED_OPS) / 1e6
     return inside / wall
