@@ -54,8 +54,8 @@ from diffuse.report import write_report
 from diffuse.sampling import Guided, ImageNoise, sample
 from diffuse.seeding import derive_seed, image_seeds
 from diffuse.train import (append_jsonl, batch_at, crossed, interruption, learning_rate, newest_checkpoint_of_run,
-                           resume_config, scaling_of, silent, stop_requests, timed, training_fd, trim_events,
-                           write_config, write_grid)
+                           resume_config, scaling_of, seed_dropout, silent, stop_requests, timed, training_fd,
+                           trim_events, write_config, write_grid)
 
 GRID = 1000  # noise levels of the DM loss's time grid, from the cleanest to pure noise
 
@@ -286,7 +286,7 @@ def simulated_step(dist: Distillation, rng: torch.Generator) -> int:
     return int(torch.randint(0, steps, (1,), generator=rng)) if steps > 1 else 0
 
 
-def normal(shape, like: torch.Tensor, rng: torch.Generator, mine: slice) -> torch.Tensor:
+def normal(shape, like: torch.Tensor, rng: torch.Generator, mine) -> torch.Tensor:
     """This rank's block of a global N(0, I) draw of `shape`: the same numbers on any number of ranks."""
     return torch.randn(shape, generator=rng)[mine].to(like)
 
@@ -343,7 +343,7 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
     if dist.head is not None:  # generator samples, then real ones: 2B draws, this rank takes its block of each
         index = torch.cat([torch.arange(shape[0])[mine], shape[0] + torch.arange(shape[0])[mine]])
         t_gan = dm_times(dist, 2 * shape[0], config, rng)[index.to(dist.grid.device)]
-        eps_gan = torch.randn((2 * shape[0], *shape[1:]), generator=rng)[index].to(x_gen)
+        eps_gan = normal((2 * shape[0], *shape[1:]), x_gen, rng, index)
         # one pass over both halves: the MP U-Net renormalizes its weights once per training pass
         logits = dist.fake_loss(torch.cat([x_gen, x_real[mine]]), None if c is None else torch.cat([c, c]), t_gan,
                                 eps_gan, gan=True)
@@ -411,8 +411,7 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
             start = time.perf_counter()
             step = nimg // t.batch
             rng = torch.Generator().manual_seed(derive_seed(t.seed, "distill", step))
-            seed = derive_seed(t.seed, "dropout", step)  # dropout draws from the global generator
-            torch.manual_seed(seed if main else derive_seed(seed, "rank", distributed.rank()))
+            seed_dropout(derive_seed(t.seed, "dropout", step))
             x_real, cond, _ = batch_at(data, step, t.batch, t.seed)
             z = torch.randn(x_real.shape, generator=rng).to(x_real)
             lr = learning_rate(t, nimg)

@@ -175,6 +175,13 @@ def training_loss(denoiser: Denoiser, config: Config) -> nn.Module:
     return distributed.wrap(model, find_unused_parameters=hasattr(denoiser.net, "logvar") and not uncertainty)
 
 
+def seed_dropout(seed: int) -> None:
+    """Seed the global generator, which dropout draws from, for this step: `seed` on rank 0 (and in
+    one process), a seed derived from it and the rank elsewhere, so no two ranks share masks."""
+    rank = distributed.rank()
+    torch.manual_seed(seed if rank == 0 else derive_seed(seed, "rank", rank))
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, cond: torch.Tensor,
                lr: float, config: Config, seed: int) -> tuple[float, float]:
     """One optimizer step on one global batch (x0, cond); returns (loss, gradient norm before clipping).
@@ -184,8 +191,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Ten
     skips the optimizer step, so the weights stay as they were.
     """
     model.train()
-    rank = distributed.rank()  # dropout draws from the global generator: seed it per step (and rank) too
-    torch.manual_seed(seed if rank == 0 else derive_seed(seed, "rank", rank))
+    seed_dropout(seed)
     generator = torch.Generator().manual_seed(seed)
     x0, cond = to_memory_format(x0, config.train), to_memory_format(cond, config.train)
     with autocast(config.train, x0.device):  # bf16 forward and loss if train.precision asks; backward outside
