@@ -35,34 +35,43 @@ def no_grads(module) -> bool:
     return all(p.grad is None for p in module.parameters())
 
 
-def image_distillation(preset: str):
+def image_distillation(preset: str, precision: str = "fp32", live_output: bool = False):
     """A fresh tiny teacher of `preset` (untrained: these tests are about gradients) made into a DMD2
-    distillation with the GAN head, and a batch of real data."""
-    config = load_config(preset, overrides=["model.channels=[8, 16]", "model.emb_dim=32"])
+    distillation with the GAN head, and a batch of real data. live_output: the zero-initialized
+    weights (the output layer's) drawn at random, so that the nets' outputs depend on their inputs."""
+    config = load_config(preset, overrides=["model.channels=[8, 16]", "model.emb_dim=32",
+                                            f"train.precision={precision}"])
     config.distill.method, config.distill.gan_gen, config.distill.regression = "dmd2", 3e-3, 0.0
     config.train.lr = 1e-3
     data = doctor_data(config)
     torch.manual_seed(0)
     teacher = build_denoiser(config)
+    if live_output:
+        with torch.no_grad():
+            for p in teacher.parameters():
+                if p.ndim > 1 and not p.any():
+                    p.normal_(0, 0.05)
     dist = D.start_distillation(teacher, config, data.x[:1], data.cond[:1])
     x_real, cond, _ = batch_at(data, 0, 8, 0)
     return config, dist, x_real, cond
 
 
-@pytest.mark.parametrize("preset", ["fmnist-tiny", "fmnist-edm2-tiny"])
-def test_each_turn_touches_only_its_own_network(preset):
+@pytest.mark.parametrize("preset, precision", [("fmnist-tiny", "fp32"), ("fmnist-edm2-tiny", "fp32"),
+                                               ("fmnist-tiny", "bf16")])
+def test_each_turn_touches_only_its_own_network(preset, precision):
     """Fake turn: only the fake score and its head change; generator and teacher keep every bit and
     hold no gradient. Generator turn (after it, so that fake and real differ and the DM gradient is
     not 0): only the generator changes; fake score, head and teacher keep every bit and hold no
-    gradient. (fmnist-edm2-tiny: the MP U-Net, whose training passes renormalize weights in place.)"""
-    config, dist, x_real, cond = image_distillation(preset)
+    gradient. (fmnist-edm2-tiny: the MP U-Net, whose training passes renormalize weights in place;
+    bf16: the turns' forward passes under autocast.)"""
+    config, dist, x_real, cond = image_distillation(preset, precision)
     teacher = dist.real
     rng = torch.Generator().manual_seed(1)
     z = torch.randn(x_real.shape, generator=rng)
     before = {name: snapshot(m) for name, m in
               (("real", teacher), ("fake", dist.fake), ("head", dist.head), ("generator", dist.generator))}
 
-    out = D.fake_turn(dist, D.sample_generator(dist, z, cond, rng), x_real, cond, config, rng)
+    out = D.fake_turn(dist, D.sample_generator(dist, z, cond, config, rng), x_real, cond, config, rng)
     assert set(out) == {"fake", "gan_disc", "fake_grad_norm"}
     for name, module in (("real", teacher), ("generator", dist.generator)):
         assert unchanged(module, before[name]), f"the fake turn changed the {name} network"
@@ -78,6 +87,29 @@ def test_each_turn_touches_only_its_own_network(preset):
         assert unchanged(module, state), f"the generator turn changed the {name} network"
         assert no_grads(module), f"the generator turn left gradients on the {name} network"
     assert all(p.requires_grad for p in dist.fake.parameters()) and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_bf16_turns_compute_the_fp32_losses_to_bf16_precision():
+    """The same turns from the same state and draws under bf16 autocast: every loss within 2% of
+    fp32's (and not equal to it: autocast ran), and the generator's update in nearly the same
+    direction (Adam's first step is about lr * sign(grad), so a sign flip of a tiny gradient moves a
+    weight by 2 lr: compare directions, not weights)."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config, dist, x_real, cond = image_distillation("fmnist-tiny", precision, live_output=True)
+        before = torch.cat([p.detach().flatten() for p in dist.generator.parameters()])
+        rng = torch.Generator().manual_seed(1)
+        z = torch.randn(x_real.shape, generator=rng)
+        fake_out = D.fake_turn(dist, D.sample_generator(dist, z, cond, config, rng), x_real, cond, config, rng)
+        gen_out, x = D.generator_turn(dist, z, cond, config, rng)
+        assert x.dtype == torch.float32
+        update = torch.cat([p.detach().flatten() for p in dist.generator.parameters()]) - before
+        runs[precision] = fake_out | gen_out, update
+    (fp32, update32), (bf16, update16) = runs["fp32"], runs["bf16"]
+    for key in ("fake", "gan_disc", "dm", "gan_gen"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=0.02), key
+        assert bf16[key] != fp32[key], f"{key}: the same to the bit, so autocast did not run"
+    assert torch.nn.functional.cosine_similarity(update16, update32, dim=0) > 0.9  # 0.954 here; unrelated: ~0
 
 
 def test_the_dm_loss_gradient_is_g_over_numel_and_reaches_no_score_network():
@@ -140,7 +172,7 @@ def test_dmd2_moves_a_one_step_generator_onto_a_mixture_with_an_exact_score():
         if step % config.distill.gen_every == 0:
             _, x = D.generator_turn(dist, z, None, config, rng)
         else:
-            x = D.sample_generator(dist, z, None, rng)
+            x = D.sample_generator(dist, z, None, config, rng)
         D.fake_turn(dist, x, None, None, config, rng)
     end = report()
     assert start["sw"] > 0.5 and end["sw"] < 0.08, (start, end)
@@ -149,7 +181,8 @@ def test_dmd2_moves_a_one_step_generator_onto_a_mixture_with_an_exact_score():
 
 def test_diffuse_distill_resumes_exactly_and_samples_in_one_step(tmp_path, tiny):
     """A tiny DMD2 run stopped half-way and resumed ends bit-identical to a straight one (generator,
-    its EMA, fake score, head, both optimizers); the student samples with `diffuse sample --steps 1`; bad requests are one sentence and exit code 2."""
+    its EMA, fake score, head, both optimizers; the preset's bf16 autocast included); the student
+    samples with `diffuse sample --steps 1`; bad requests are one sentence and exit code 2."""
     teacher = train(tiny(), tmp_path / "teacher", log=lambda *a: None)
     common = ["distill", str(teacher), "--preset", "dmd2", "--set", "train.batch=16", "--set", "train.log_kimg=0.064",
               "--set", "train.grid_kimg=0.128", "--set", "train.checkpoint_kimg=0.064", "--set", "train.fd_kimg=0",
@@ -170,3 +203,4 @@ def test_diffuse_distill_resumes_exactly_and_samples_in_one_step(tmp_path, tiny)
     assert np.load(out)["images"].shape == (20, 28, 28, 1)
     assert main(["distill", str(teacher), "--set", "model.blocks=3", "--out", str(tmp_path / "bad")]) == 2
     assert main(["distill", str(tmp_path / "straight"), "--out", str(tmp_path / "bad")]) == 2
+    assert main(["distill", str(teacher), "--set", "train.compile=true", "--out", str(tmp_path / "bad")]) == 2

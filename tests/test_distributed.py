@@ -137,7 +137,9 @@ DISTILL = ["--set", "train.kimg=0.128", "--set", "train.batch=16", "--set", "tra
 
 
 @pytest.mark.parametrize("method", [
-    ["--preset", "dmd2"],  # one step, the GAN head on the fake score
+    # one step, the GAN head on the fake score; in fp32 (the preset's bf16 rounds a 16-image block
+    # differently from the 32-image batch: 65% of weights within 1e-6 after 8 iterations)
+    ["--preset", "dmd2", "--set", "train.precision=fp32"],
     ["--preset", "dmd", "--set", "distill.pairs=24", "--set", "distill.pair_steps=2",
      "--set", "distill.generator_steps=2"],  # regression pairs sampled over the ranks, a 2-step generator
 ], ids=["dmd2", "dmd-2step"])

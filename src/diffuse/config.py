@@ -336,6 +336,9 @@ def validate(config: Config) -> None:
         raise UserError(f"distill.dm_t_min {dist.dm_t_min:g} must be below distill.dm_t_max {dist.dm_t_max:g}.")
     if dist.method == "dmd" and dist.gan_gen > 0:
         raise UserError("distill.gan_gen is DMD2's GAN term; use distill.method 'dmd2' for it.")
+    if dist.method != "none" and (t.channels_last or t.compile):
+        raise UserError("diffuse distill takes train.precision but not train.channels_last or train.compile; "
+                        "set them to false.")
     if dist.method == "dmd2" and dist.regression > 0:
         raise UserError("distill.regression is DMD's loss on teacher pairs, which DMD2 drops; use method 'dmd'.")
     if s.S_churn > 0 and s.sampler != "heun":

@@ -18,6 +18,8 @@ Fake turn (every iteration): the fake score's diffusion loss on the detached gen
 The teacher's weights never change; the generator's loss leaves the fake score (and its head)
 untouched, and the fake turn leaves the generator untouched (tests/test_distill.py checks .grad
 and bit-equality). Grids, FD and `diffuse sample` use an EMA of the generator (train.ema_halflife_kimg).
+With train.precision = "bf16" every forward pass runs under autocast; backward passes, weights,
+optimizers and the EMA stay as in fp32.
 
 Under torchrun or accelerate launch each turn's losses are modules (`GeneratorLoss`, `FakeLoss`)
 in DistributedDataParallel: every rank draws the whole global batch's randomness and computes its
@@ -53,6 +55,7 @@ from diffuse.process import EDM
 from diffuse.report import write_report
 from diffuse.sampling import Guided, ImageNoise, sample
 from diffuse.seeding import derive_seed, image_seeds
+from diffuse.speed import autocast
 from diffuse.train import (append_jsonl, batch_at, crossed, interruption, learning_rate, newest_checkpoint_of_run,
                            resume_config, scaling_of, seed_dropout, silent, stop_requests, timed, training_fd,
                            trim_events, write_config, write_grid)
@@ -135,7 +138,7 @@ class GANHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         h = self.body(h.float())
         h = h.mean(dim=(2, 3)) if h.ndim == 4 else h
-        return self.out(h)[:, 0]
+        return self.out(h)[:, 0].float()  # float32 logits under bf16 autocast too
 
 
 def bottleneck(fake: Denoiser, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
@@ -317,7 +320,8 @@ def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config,
     t, eps = dm_times(dist, n, config, rng)[mine], normal(z.shape, z, rng, mine)
     if dist.head is not None:
         extra["t_gan"], extra["eps_gan"] = dm_times(dist, n, config, rng)[mine], normal(z.shape, z, rng, mine)
-    losses, x = dist.gen_loss(x_in, t_in, c, t, eps, **extra)
+    with autocast(config.train, z.device):  # bf16 forward passes if train.precision asks; backward outside
+        losses, x = dist.gen_loss(x_in, t_in, c, t, eps, **extra)
     weights = {"dm": 1.0, "regression": d.regression, "gan_gen": d.gan_gen}
     total = sum(weights[key] * value for key, value in losses.items())
     dist.gen_opt.zero_grad(set_to_none=True)
@@ -337,7 +341,8 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
     t, eps = draw_noise(dist.fake.process, torch.empty(shape, device=x_gen.device), rng)
     dist.fake.train()
     dist.fake_opt.zero_grad(set_to_none=True)
-    loss = dist.fake_loss(x_gen, c, t[mine], eps[mine]).mean()  # the teacher's own loss and training density
+    with autocast(config.train, x_gen.device):
+        loss = dist.fake_loss(x_gen, c, t[mine], eps[mine]).mean()  # the teacher's own loss and training density
     loss.backward()
     out = {"fake": loss.item()}
     if dist.head is not None:  # generator samples, then real ones: 2B draws, this rank takes its block of each
@@ -345,8 +350,9 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
         t_gan = dm_times(dist, 2 * shape[0], config, rng)[index.to(dist.grid.device)]
         eps_gan = normal((2 * shape[0], *shape[1:]), x_gen, rng, index)
         # one pass over both halves: the MP U-Net renormalizes its weights once per training pass
-        logits = dist.fake_loss(torch.cat([x_gen, x_real[mine]]), None if c is None else torch.cat([c, c]), t_gan,
-                                eps_gan, gan=True)
+        with autocast(config.train, x_gen.device):
+            logits = dist.fake_loss(torch.cat([x_gen, x_real[mine]]), None if c is None else torch.cat([c, c]),
+                                    t_gan, eps_gan, gan=True)
         n = len(x_gen)
         disc = config.distill.gan_disc * (F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean())
         disc.backward()
@@ -358,12 +364,14 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
 
 
 @torch.no_grad()
-def sample_generator(dist: Distillation, z: torch.Tensor, cond, rng: torch.Generator) -> torch.Tensor:
+def sample_generator(dist: Distillation, z: torch.Tensor, cond, config: Config,
+                     rng: torch.Generator) -> torch.Tensor:
     """This rank's block of generator samples, without gradient, for an iteration without a generator
     turn; for a k-step generator the x0_hat of a step drawn as in the generator's turn."""
     dist.generator.eval()
     x_in, t_in, c = simulated_input(dist, z, cond, rng)
-    return dist.generator(x_in, t_in, c)[0]
+    with autocast(config.train, z.device):
+        return dist.generator(x_in, t_in, c)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,7 +429,7 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
             if step % d.gen_every == 0:
                 out, x_gen = generator_turn(dist, z, cond, config, rng)
             else:
-                x_gen = sample_generator(dist, z, cond, rng)
+                x_gen = sample_generator(dist, z, cond, config, rng)
             out |= fake_turn(dist, x_gen, x_real, cond, config, rng)
             out = distributed.mean(out, x_real.device)  # each rank's losses are its block's
             if not all(math.isfinite(v) for v in out.values()):
