@@ -63,8 +63,9 @@ def test_each_turn_touches_only_its_own_network(preset, precision):
     hold no gradient. Generator turn (after it, so that fake and real differ and the DM gradient is
     not 0): only the generator changes; fake score, head and teacher keep every bit and hold no
     gradient. (fmnist-edm2-tiny: the MP U-Net, whose training passes renormalize weights in place;
-    bf16: the turns' forward passes under autocast.)"""
-    config, dist, x_real, cond = image_distillation(preset, precision)
+    bf16: the turns' forward passes under autocast. Live outputs, so that every pass's result, bf16's
+    rounding included, depends on its inputs.)"""
+    config, dist, x_real, cond = image_distillation(preset, precision, live_output=True)
     teacher = dist.real
     rng = torch.Generator().manual_seed(1)
     z = torch.randn(x_real.shape, generator=rng)
