@@ -1,49 +1,43 @@
 """Training and sampling throughput of the fmnist preset against diffusers, in one run on this machine.
 
-ours: `diffuse bench --preset fmnist --json` (fp32 and bf16 training side by side, the preset's
-      sampler: 25 trailing DDIM steps with cfg 2), and once more for sampling without guidance
-      (cfg 1), so both sides are also compared at the same 25 network evaluations per image.
+ours: the fmnist preset's training step as `diffuse bench` times it (`diffuse.bench.prepared_step`:
+      `train.train_step` with the loop's optimizer), fp32 and bf16; sampling with the preset's
+      sampler (25 trailing DDIM steps, cfg 2) and once more without guidance (cfg 1), so both
+      sides are also compared at the same 25 network evaluations per image.
 peer: diffusers' UNet2DModel with the same level widths and blocks as ours (block channels
       32/64/128, 1 layer per block, attention at the lowest level, 10 class embeddings; about the
       same parameter count, both printed), 28x28 as in benchmarks/vs_diffusers.py; a training step
-      is DDPMScheduler.add_noise, the eps MSE, backward and AdamW at the same batch, timed as ours
-      (median of --steps steps after 2 untimed ones, random data of the same shape), fp32 and
-      bf16 autocast; its FLOPs counted with FlopCounterMode as ours; sampling with DDIMScheduler at
-      25 steps on one batch, after one untimed network call.
-Both sides use --threads torch threads (torch.set_num_threads here; `--threads` for diffuse bench),
-and GFLOP/s are set against the matmul peaks that diffuse bench measured in the same run.
+      is DDPMScheduler.add_noise, the eps MSE, backward and AdamW at the same batch, fp32 and bf16
+      autocast; its FLOPs counted with FlopCounterMode as ours; sampling with DDIMScheduler at 25
+      steps on one batch, after one untimed network call.
+The four training steps (ours and the peer's, fp32 and bf16) are timed in turn, one of each per
+round, with the matmul peak read before every round (`diffuse.bench.timed_in_turn`): this
+machine's speed drifts from minute to minute, and in turn every step sees the same drift, so the
+ratios (the median over rounds of each round's ratio) hold. GFLOP/s are set against the best peak
+reading of the run. Both sides use --threads torch threads.
 
     PYTHONPATH=src .venv/bin/python benchmarks/throughput_vs_diffusers.py [--threads 2] [--steps 10] [--out DIR]
 
 Needs the test extras (diffusers). Prints Markdown tables and writes DIR/throughput.json.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from diffuse.bench import (WARMUP_STEPS, PeakMeter, bench_sample, counted_op_share, machine, prepared_step,
+                           speed_ratio, timed_in_turn, train_result, train_step_flops)
+from diffuse.config import load_config
+from diffuse.denoiser import build_denoiser
+
 BATCH = 64           # the fmnist preset's train.batch and sample.batch
 SAMPLE_STEPS = 25
-WARMUP_STEPS = 2     # as diffuse.bench
-
-
-def run_ours(threads: int, steps: int) -> tuple[dict, dict]:
-    """(diffuse bench with the preset's settings, diffuse bench of unguided sampling), both parsed from --json."""
-    cli = [sys.executable, "-m", "diffuse", "bench", "--preset", "fmnist", "--threads", str(threads), "--json"]
-    full = subprocess.run([*cli, "--steps", str(steps), "--batch", str(BATCH)], check=True, capture_output=True,
-                          text=True)
-    unguided = subprocess.run([*cli, "--what", "sample", "--batch", str(BATCH), "--set", "sample.cfg=1"], check=True,
-                              capture_output=True, text=True)
-    return json.loads(full.stdout), json.loads(unguided.stdout)
 
 
 def peer_unet():
@@ -64,7 +58,8 @@ def peer_loss(model, scheduler, x0: torch.Tensor, labels: torch.Tensor, generato
         return torch.nn.functional.mse_loss(pred.float(), noise)
 
 
-def peer_train(precision: str, steps: int, peak_gflops: float) -> dict:
+def peer_step(precision: str) -> Callable[[int], None]:
+    """step(i): one training step of the peer (loss, backward, AdamW), already run WARMUP_STEPS times."""
     from diffusers import DDPMScheduler
 
     torch.manual_seed(0)
@@ -73,23 +68,36 @@ def peer_train(precision: str, steps: int, peak_gflops: float) -> dict:
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
     generator = torch.Generator().manual_seed(0)
     x0, labels = torch.randn(BATCH, 1, 28, 28, generator=generator), torch.arange(BATCH) % 10
-    seconds = []
-    for _ in range(WARMUP_STEPS + steps):
-        start = time.perf_counter()
+
+    def step(i: int) -> None:
         loss = peer_loss(model, scheduler, x0, labels, generator, precision)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss.item()
-        seconds.append(time.perf_counter() - start)
-    per_step = statistics.median(seconds[WARMUP_STEPS:])
-    with FlopCounterMode(display=False) as counter:  # forward and backward, fp32: the work, whatever the precision
-        peer_loss(model, scheduler, x0, labels, generator, "fp32").backward()
-    flops = counter.get_total_flops()
+
+    for i in range(WARMUP_STEPS):
+        step(i)
+    return step
+
+
+def peer_step_flops() -> int:
+    """FLOPs of the peer's forward and backward in fp32: the work, whatever the precision."""
+    from diffusers import DDPMScheduler
+
+    model, scheduler = peer_unet(), DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    x0, labels = torch.randn(BATCH, 1, 28, 28), torch.arange(BATCH) % 10
+    with FlopCounterMode(display=False) as counter:
+        peer_loss(model, scheduler, x0, labels, torch.Generator().manual_seed(0), "fp32").backward()
+    return counter.get_total_flops()
+
+
+def peer_result(precision: str, seconds: list[float], flops: int, peak_gflops: float) -> dict:
+    per_step = statistics.median(seconds)
     achieved = flops / per_step / 1e9
-    return {"precision": precision, "batch": BATCH, "steps": steps, "seconds_per_step": per_step,
-            "img_per_s": BATCH / per_step, "flops_per_step": flops, "achieved_gflops": achieved,
-            "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
+    return {"precision": precision, "batch": BATCH, "steps": len(seconds), "seconds_per_step": per_step,
+            "seconds_each": seconds, "img_per_s": BATCH / per_step, "flops_per_step": flops,
+            "achieved_gflops": achieved, "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
 
 
 @torch.no_grad()
@@ -112,43 +120,43 @@ def peer_sample() -> dict:
             "nfe": nfe, "img_per_s": BATCH / seconds, "img_evals_per_s": BATCH * nfe / seconds}
 
 
-def ratios_of(ours: dict, unguided: dict, peer: dict) -> dict:
-    """ours / peer training and sampling images/s, and bf16 / fp32 on each side."""
-    our_train = {r["precision"]: r["img_per_s"] for r in ours["train"]}
-    peer_train_ = {r["precision"]: r["img_per_s"] for r in peer["train"]}
-    return {"train_img_per_s_fp32": our_train["fp32"] / peer_train_["fp32"],
-            "train_img_per_s_bf16": our_train["bf16"] / peer_train_["bf16"],
-            "bf16_over_fp32_ours": our_train["bf16"] / our_train["fp32"],
-            "bf16_over_fp32_peer": peer_train_["bf16"] / peer_train_["fp32"],
-            "sample_img_per_s_cfg1": unguided["sample"]["img_per_s"] / peer["sample"]["img_per_s"],
-            "sample_img_per_s_preset": ours["sample"]["img_per_s"] / peer["sample"]["img_per_s"]}
+def ratios_of(seconds: dict[str, list[float]], ours_sample: dict, unguided: dict, peer_sample_: dict) -> dict:
+    """ours / peer training speed and bf16 / fp32 on each side (medians of each round's ratio), and
+    ours / peer sampling images/s."""
+    return {"train_img_per_s_fp32": speed_ratio(seconds["ours fp32"], seconds["peer fp32"]),
+            "train_img_per_s_bf16": speed_ratio(seconds["ours bf16"], seconds["peer bf16"]),
+            "bf16_over_fp32_ours": speed_ratio(seconds["ours bf16"], seconds["ours fp32"]),
+            "bf16_over_fp32_peer": speed_ratio(seconds["peer bf16"], seconds["peer fp32"]),
+            "sample_img_per_s_cfg1": unguided["img_per_s"] / peer_sample_["img_per_s"],
+            "sample_img_per_s_preset": ours_sample["img_per_s"] / peer_sample_["img_per_s"]}
 
 
-def tables(ours: dict, unguided: dict, peer: dict, ratios: dict) -> str:
-    m = ours["machine"]
-    our_train = {r["precision"]: r for r in ours["train"]}
-    peer_train_ = {r["precision"]: r for r in peer["train"]}
+def tables(result: dict) -> str:
+    m, ours, peer, ratios = result["machine"], result["ours"], result["peer"], result["ratios"]
+    readings = result["matmul_peak_readings"]
+    rounds = ours["train"][0]["steps"]
     lines = [f"{m['cpu']}, torch {m['torch']}, {m['threads']} threads, load average {m['load_average_1min']}; "
-             f"matmul peak fp32 {ours['matmul_peak_gflops']:.0f} GFLOP/s, bf16 {ours['matmul_peak_gflops_bf16']:.0f} GFLOP/s", "",
-             f"Training, batch {BATCH} (median of {ours['train'][0]['steps']} steps after {WARMUP_STEPS} untimed):", "",
+             f"matmul peak fp32 {result['matmul_peak_gflops']:.0f} GFLOP/s (the best of {len(readings['fp32'])} "
+             f"readings, {min(readings['fp32']):.0f}-{max(readings['fp32']):.0f}), bf16 "
+             f"{result['matmul_peak_gflops_bf16']:.0f} GFLOP/s ({min(readings['bf16']):.0f}-{max(readings['bf16']):.0f})",
+             "", f"Training, batch {BATCH}: {rounds} rounds of one step of each, in turn, after {WARMUP_STEPS} untimed "
+             "(img/s from the median step):", "",
              "| model | params | precision | img/s | GFLOP/step | GFLOP/s | of peak |", "|---|---|---|---|---|---|---|"]
-    for name, params, runs in (("diffuse fmnist", ours["params"], our_train),
-                               ("diffusers UNet2DModel", peer["params"], peer_train_)):
-        for precision, r in runs.items():
-            lines.append(f"| {name} | {params / 1e6:.2f}M | {precision} | {r['img_per_s']:.1f} | "
+    for name, side in (("diffuse fmnist", ours), ("diffusers UNet2DModel", peer)):
+        for r in side["train"]:
+            lines.append(f"| {name} | {side['params'] / 1e6:.2f}M | {r['precision']} | {r['img_per_s']:.1f} | "
                          f"{r['flops_per_step'] / 1e9:.1f} | {r['achieved_gflops']:.1f} | {r['of_peak']:.3f} |")
-    lines += ["", "| ratio | fp32 | bf16 |", "|---|---|---|"]
-    lines.append(f"| train img/s ours / peer | {ratios['train_img_per_s_fp32']:.2f} | "
-                 f"{ratios['train_img_per_s_bf16']:.2f} |")
-    lines.append(f"| bf16 / fp32 img/s, ours | | {ratios['bf16_over_fp32_ours']:.2f} |")
-    lines.append(f"| bf16 / fp32 img/s, peer | | {ratios['bf16_over_fp32_peer']:.2f} |")
-    if "train_counted_ops" in ours:
-        c = ours["train_counted_ops"]
-        lines.append(f"\nours, fp32: convolutions and matrix products take {c['share_of_step']:.0%} of the step "
-                     f"(torch.profiler) and run at {c['of_peak']:.3f} of the peak while they do")
+    lines += ["", "Ratios of training speed (median over rounds of each round's ratio):", "",
+              "| ratio | fp32 | bf16 |", "|---|---|---|",
+              f"| ours / peer | {ratios['train_img_per_s_fp32']:.2f} | {ratios['train_img_per_s_bf16']:.2f} |",
+              f"| bf16 / fp32, ours | | {ratios['bf16_over_fp32_ours']:.2f} |",
+              f"| bf16 / fp32, peer | | {ratios['bf16_over_fp32_peer']:.2f} |"]
+    c = ours["train_counted_ops"]
+    lines.append(f"\nours, fp32: convolutions and matrix products take {c['share_of_step']:.0%} of the step "
+                 f"(torch.profiler) and run at {c['of_peak']:.3f} of the peak while they do")
     lines += ["", f"Sampling, batch {BATCH}, 25 DDIM steps:", "",
               "| model | cfg | NFE per image | img/s | image evaluations/s |", "|---|---|---|---|---|"]
-    for name, s in (("diffuse fmnist", ours["sample"]), ("diffuse fmnist", unguided["sample"]),
+    for name, s in (("diffuse fmnist", ours["sample"]), ("diffuse fmnist", ours["sample_unguided"]),
                     ("diffusers UNet2DModel", peer["sample"])):
         lines.append(f"| {name} | {s['cfg']:g} | {s['nfe']:g} | {s['img_per_s']:.2f} | {s['img_evals_per_s']:.1f} |")
     lines.append(f"\nsampling img/s ours / peer at 25 NFE (cfg 1): {ratios['sample_img_per_s_cfg1']:.2f}; "
@@ -159,21 +167,36 @@ def tables(ours: dict, unguided: dict, peer: dict, ratios: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for both sides")
-    parser.add_argument("--steps", type=int, default=10, help="timed training steps per precision")
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds (one training step of each side and "
+                                                               "precision per round)")
     parser.add_argument("--out", type=Path, default=Path("runs/throughput"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    ours, unguided = run_ours(args.threads, args.steps)
     torch.set_num_threads(args.threads)
-    peaks = {"fp32": ours["matmul_peak_gflops"], "bf16": ours["matmul_peak_gflops_bf16"]}
+    cpu, meter = torch.device("cpu"), PeakMeter(torch.device("cpu"))
+    configs = {p: load_config("fmnist", None, [f"train.precision={p}"]) for p in ("fp32", "bf16")}
+    steps = {f"ours {p}": prepared_step(c, BATCH, cpu) for p, c in configs.items()}
+    steps |= {f"peer {p}": peer_step(p) for p in ("fp32", "bf16")}
+    seconds = timed_in_turn(steps, args.steps, cpu, meter)
+    ours_sample = bench_sample(configs["fp32"], BATCH, cpu)
+    unguided = bench_sample(load_config("fmnist", None, ["sample.cfg=1"]), BATCH, cpu)
+    peer_sample_ = peer_sample()
+    meter.read()
+    peak = {p: meter.best(p) for p in ("fp32", "bf16")}
+    our_flops, peer_flops = train_step_flops(configs["fp32"], BATCH, cpu), peer_step_flops()
+    ours = {"params": sum(p.numel() for p in build_denoiser(configs["fp32"]).parameters()),
+            "train": [train_result(c, BATCH, seconds[f"ours {p}"], our_flops, peak[p]) for p, c in configs.items()],
+            "sample": ours_sample, "sample_unguided": unguided}
+    share = counted_op_share(configs["fp32"], BATCH, cpu)
+    ours["train_counted_ops"] = {"share_of_step": share, "of_peak": ours["train"][0]["of_peak"] / share}
     peer = {"params": sum(p.numel() for p in peer_unet().parameters()),
-            "train": [peer_train(precision, args.steps, peaks[precision]) for precision in ("fp32", "bf16")],
-            "sample": peer_sample()}
-    ratios = ratios_of(ours, unguided, peer)
-    result = {"threads": args.threads, "ours": ours, "ours_unguided_sampling": unguided["sample"], "peer": peer,
-              "ratios": ratios}
+            "train": [peer_result(p, seconds[f"peer {p}"], peer_flops, peak[p]) for p in ("fp32", "bf16")],
+            "sample": peer_sample_}
+    ratios = ratios_of(seconds, ours_sample, unguided, peer_sample_)
+    result = {"machine": machine(cpu), "matmul_peak_gflops": peak["fp32"], "matmul_peak_gflops_bf16": peak["bf16"],
+              "matmul_peak_readings": meter.readings, "ours": ours, "peer": peer, "ratios": ratios}
     (args.out / "throughput.json").write_text(json.dumps(result, indent=1))
-    print(tables(ours, unguided, peer, ratios))
+    print(tables(result))
     print(f"\nwrote {args.out / 'throughput.json'}")
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from diffuse import bench
 from diffuse.bench import step_flops, train_step_flops
 from diffuse.cli import main
 from diffuse.config import load_config
@@ -31,7 +32,12 @@ def test_bench_json_has_the_machine_the_peak_and_both_precisions(capsys):
     result = bench_json(capsys, "--steps", "1", "--batch", "4", "--set", "sample.steps=2", "--set", "sample.cfg=2")
     assert set(result["machine"]) >= {"cpu", "torch", "threads", "device", "load_average_1min"}
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
-    assert result["matmul_peak_gflops"] > 0 and result["matmul_peak_gflops_bf16"] > 0
+    # the peak is the best of its readings: one before each round of steps, one after the last, one
+    # before and one after sampling
+    readings = result["matmul_peak_readings"]
+    assert len(readings["fp32"]) == len(readings["bf16"]) == 1 + 1 + 2
+    assert result["matmul_peak_gflops"] == max(readings["fp32"]) > 0
+    assert result["matmul_peak_gflops_bf16"] == max(readings["bf16"]) > 0
     fp32, bf16 = result["train"]
     assert (fp32["precision"], bf16["precision"]) == ("fp32", "bf16")
     for run in (fp32, bf16):
@@ -43,7 +49,7 @@ def test_bench_json_has_the_machine_the_peak_and_both_precisions(capsys):
     # the count is the net's work, the same for both precisions, and the one a plain step has
     plain_step = train_step_flops(load_config("fmnist-tiny"), 4, torch.device("cpu"))
     assert fp32["flops_per_step"] == bf16["flops_per_step"] == plain_step
-    assert result["bf16_over_fp32"] == pytest.approx(bf16["img_per_s"] / fp32["img_per_s"])
+    assert result["bf16_over_fp32"] == pytest.approx(fp32["seconds_each"][0] / bf16["seconds_each"][0])
     # the profiled share of the step inside the counted operations, and their rate while in them
     counted = result["train_counted_ops"]
     assert 0 < counted["share_of_step"] < 1
@@ -51,8 +57,32 @@ def test_bench_json_has_the_machine_the_peak_and_both_precisions(capsys):
     s = result["sample"]
     assert s["nfe"] == 4  # 2 DDIM steps, each evaluating the conditional and the unconditional image
     assert s["img_per_s"] > 0 and s["img_evals_per_s"] == pytest.approx(4 * s["img_per_s"])
+    assert s["of_peak"] == pytest.approx(s["achieved_gflops"] / result["matmul_peak_gflops"])
     # the sampler's forward costs a third of a training step's forward and backward
     assert s["flops_per_img_eval"] * 3 == pytest.approx(fp32["flops_per_step"] / 4, rel=0.01)
+
+
+def test_variants_are_timed_in_turn_and_their_ratio_is_the_median_of_each_rounds(monkeypatch):
+    """A slow spell that spans one round slows both variants in it and leaves the ratio alone."""
+    calls = []
+
+    class Meter:
+        def read(self):
+            calls.append("peak")
+
+    def step_of(name):
+        return lambda i: calls.append((name, i))
+
+    # the clock reads start, end for each step: rounds of (fp32, bf16) seconds (2, 1), (20, 10) in a
+    # slow spell, (3, 1)
+    stamps = [t for k, d in enumerate([2, 1, 20, 10, 3, 1]) for t in (100 * k, 100 * k + d)]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda clock=iter(stamps): next(clock))
+    seconds = bench.timed_in_turn({"fp32": step_of("fp32"), "bf16": step_of("bf16")}, 3, torch.device("cpu"),
+                                  Meter())
+    assert calls == ["peak", ("fp32", 2), ("bf16", 2), "peak", ("fp32", 3), ("bf16", 3), "peak", ("fp32", 4),
+                     ("bf16", 4), "peak"]
+    assert seconds == {"fp32": [2, 20, 3], "bf16": [1, 10, 1]}
+    assert bench.speed_ratio(seconds["bf16"], seconds["fp32"]) == 2  # median of 2, 2, 3 (medians' ratio: 3)
 
 
 def test_a_precision_asked_for_is_the_only_one_timed(capsys):

@@ -7,6 +7,12 @@ by `FlopCounterMode` (matrix products, convolutions and attention, forward and b
 achieved GFLOP/s over the peak says how much of the machine the network uses; what the counter
 does not see (norms, activations, the optimizer) shows up as a lower ratio, which is the point.
 
+On a shared machine the speed drifts: one 2048x2048 product ran anywhere from 173 to 323 GFLOP/s
+within 40 seconds on this project's 2-core VM. So the variants compared (fp32 and bf16) are timed
+in turn, one step of each per round, and the peak is read again before every round; the peak
+reported is the best reading of the run, the machine's rate when nothing slowed it, so a
+reading taken in a slow spell cannot flatter the ratios set against it.
+
 Inputs are random tensors of the data's shape: throughput does not depend on pixel values, and
 the bench then needs no data files.
 """
@@ -19,6 +25,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -32,7 +39,8 @@ from diffuse.speed import prepare
 from diffuse.train import train_step, training_loss
 
 WARMUP_STEPS = 2     # untimed: the first steps allocate memory, pick kernels and, with train.compile, compile
-PEAK_REPEATS = 5     # timed matrix products per dtype; the best one is the peak
+PEAK_REPEATS = 3     # timed matrix products per dtype in one reading of the peak
+PEAK_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def machine(device: torch.device) -> dict:
@@ -79,6 +87,46 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int) -> floa
         synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+class PeakMeter:
+    """The matrix-product peak of each dtype, read as often as asked during a run; `best` is the peak."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.n = device, matmul_size(device)
+        self.readings: dict[str, list[float]] = {name: [] for name in PEAK_DTYPES}
+
+    def read(self) -> None:
+        for name, dtype in PEAK_DTYPES.items():
+            self.readings[name].append(matmul_peak_gflops(dtype, self.device, self.n))
+
+    def best(self, name: str) -> float:
+        return max(self.readings[name])
+
+
+def timed_in_turn(steps: dict[str, Callable[[int], None]], rounds: int, device: torch.device,
+                  meter: PeakMeter) -> dict[str, list[float]]:
+    """Seconds of each step function over `rounds` rounds, each round one call of every step in turn
+    after a reading of the peak (and one more reading at the end): a drift of the machine's speed
+    then falls on every step alike, and on the peak too. step(i) is called with i = WARMUP_STEPS,
+    WARMUP_STEPS + 1, ..., so the steps go on from their warm-up."""
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(WARMUP_STEPS, WARMUP_STEPS + rounds):
+        meter.read()
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step(i)
+            synchronize(device)  # train_step reads the loss with .item(), which waits too; this keeps it explicit
+            seconds[name].append(time.perf_counter() - start)
+    meter.read()
+    return seconds
+
+
+def speed_ratio(seconds: list[float], baseline: list[float]) -> float:
+    """How many times faster the first step ran than the baseline: the median over rounds of the
+    ratio within each round, so a slow spell that spans a round cancels."""
+    return statistics.median(b / a for a, b in zip(seconds, baseline))
 
 
 def random_batch(config: Config, batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,24 +188,16 @@ def prepared_step(config: Config, batch: int, device: torch.device):
     return step
 
 
-def bench_train(config: Config, batch: int, steps: int, device: torch.device, flops: int, peak_gflops: float) -> dict:
-    """Images/s and achieved GFLOP/s (`flops` per step) of `train_step` with this config's switches,
-    over `steps` timed steps after WARMUP_STEPS; seconds per step is the median, so one stall does
-    not move it."""
-    step, seconds = prepared_step(config, batch, device), []
-    for i in range(WARMUP_STEPS, WARMUP_STEPS + steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step(i)
-        synchronize(device)  # train_step reads the loss with .item(), which waits too; this keeps it explicit
-        seconds.append(time.perf_counter() - start)
+def train_result(config: Config, batch: int, seconds: list[float], flops: int, peak_gflops: float) -> dict:
+    """Images/s and achieved GFLOP/s (`flops` per step) of the steps timed in `seconds` (after
+    WARMUP_STEPS untimed); seconds per step is the median, so one stall does not move it."""
     per_step = statistics.median(seconds)
     achieved = flops / per_step / 1e9
     t = config.train
     return {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile, "batch": batch,
-            "steps": steps, "warmup_steps": WARMUP_STEPS, "seconds_per_step": per_step,
-            "img_per_s": batch / per_step, "flops_per_step": flops, "achieved_gflops": achieved,
-            "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
+            "steps": len(seconds), "warmup_steps": WARMUP_STEPS, "seconds_per_step": per_step,
+            "seconds_each": seconds, "img_per_s": batch / per_step, "flops_per_step": flops,
+            "achieved_gflops": achieved, "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
 
 
 # The operations FlopCounterMode counts, as the CPU profiler names them: their kernels run inside.
@@ -200,7 +240,7 @@ class NetEvaluations:
         self.hook.remove()
 
 
-def bench_sample(config: Config, batch: int, device: torch.device, peak_gflops: float) -> dict:
+def bench_sample(config: Config, batch: int, device: torch.device) -> dict:
     """Images/s of one `sample` call on `batch` images with the config's sampler settings, after an
     untimed one-step call; NFE per image counted, and the network's FLOPs per image evaluation
     counted during the warm-up."""
@@ -226,8 +266,7 @@ def bench_sample(config: Config, batch: int, device: torch.device, peak_gflops: 
     s = config.sample
     return {"sampler": s.sampler, "steps": s.steps, "cfg": s.cfg, "batch": batch, "seconds": seconds,
             "nfe": nfe, "img_per_s": batch / seconds, "img_evals_per_s": batch * nfe / seconds,
-            "flops_per_img_eval": flops_per_eval, "achieved_gflops": achieved, "peak_gflops": peak_gflops,
-            "of_peak": achieved / peak_gflops}
+            "flops_per_img_eval": flops_per_eval, "achieved_gflops": achieved}
 
 
 def precision_variants(config: Config, overrides: list[str]) -> list[Config]:
@@ -245,38 +284,48 @@ def precision_variants(config: Config, overrides: list[str]) -> list[Config]:
 
 def run_bench(config: Config, label: str, overrides: list[str], what: str, batch: int | None, steps: int,
               device: torch.device) -> dict:
-    """The whole measurement as one JSON-ready dict; `what` is train, sample or all."""
-    n = matmul_size(device)
-    peaks = {name: matmul_peak_gflops(dtype, device, n) for name, dtype in (("fp32", torch.float32),
-                                                                           ("bf16", torch.bfloat16))}
-    result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "matmul_size": n,
-              "matmul_peak_gflops": peaks["fp32"], "matmul_peak_gflops_bf16": peaks["bf16"],
+    """The whole measurement as one JSON-ready dict; `what` is train, sample or all. Every ratio to
+    the peak uses the best reading of the whole run."""
+    meter = PeakMeter(device)
+    result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "matmul_size": meter.n,
               "params": sum(p.numel() for p in build_denoiser(config).parameters())}
+    train_batch, sample_batch = batch or config.train.batch, batch or config.sample.batch
     if what in ("train", "all"):
-        train_batch = batch or config.train.batch
-        flops = train_step_flops(config, train_batch, device)
         variants = precision_variants(config, overrides)
-        runs = [bench_train(c, train_batch, steps, device, flops, peaks[c.train.precision]) for c in variants]
-        result["train"] = runs
-        for variant, run in zip(variants, runs):
+        prepared = {c.train.precision: prepared_step(c, train_batch, device) for c in variants}
+        seconds = timed_in_turn(prepared, steps, device, meter)
+    if what in ("sample", "all"):
+        meter.read()
+        result["sample"] = bench_sample(config, sample_batch, device)
+        meter.read()
+    peak = {name: meter.best(name) for name in PEAK_DTYPES}
+    result |= {"matmul_peak_gflops": peak["fp32"], "matmul_peak_gflops_bf16": peak["bf16"],
+               "matmul_peak_readings": meter.readings}
+    if "sample" in result:
+        achieved = result["sample"]["achieved_gflops"]
+        result["sample"] |= {"peak_gflops": peak["fp32"], "of_peak": achieved / peak["fp32"]}
+    if what in ("train", "all"):
+        flops = train_step_flops(config, train_batch, device)
+        result["train"] = [train_result(c, train_batch, seconds[c.train.precision], flops, peak[c.train.precision])
+                           for c in variants]
+        if len(variants) == 2:
+            result["bf16_over_fp32"] = speed_ratio(seconds["bf16"], seconds["fp32"])
+        for variant, run in zip(variants, result["train"]):
             share = counted_op_share(variant, train_batch, device) if run["precision"] == "fp32" else None
             if share:  # the counted work's own rate: what of_peak would be if nothing else took time
                 result["train_counted_ops"] = {"share_of_step": share, "of_peak": run["of_peak"] / share}
-        by_precision = {r["precision"]: r["img_per_s"] for r in runs}
-        if len(by_precision) == 2:
-            result["bf16_over_fp32"] = by_precision["bf16"] / by_precision["fp32"]
-    if what in ("sample", "all"):
-        result["sample"] = bench_sample(config, batch or config.sample.batch, device, peaks["fp32"])
     return result
 
 
 def format_report(result: dict) -> str:
     """A few lines and a small table for people; --json prints `result` itself."""
-    m = result["machine"]
+    m, readings = result["machine"], result["matmul_peak_readings"]
     lines = [f"{m['device_name']} ({m['device']}), torch {m['torch']}, {m['threads']} threads, "
              f"{m['cpu_cores']} cores, load average {m['load_average_1min']}",
-             f"matmul peak ({result['matmul_size']}x{result['matmul_size']}): fp32 {result['matmul_peak_gflops']:.0f} "
-             f"GFLOP/s, bf16 {result['matmul_peak_gflops_bf16']:.0f} GFLOP/s",
+             f"matmul peak ({result['matmul_size']}x{result['matmul_size']}, the best of "
+             f"{len(readings['fp32'])} readings): fp32 {result['matmul_peak_gflops']:.0f} GFLOP/s (readings "
+             f"{min(readings['fp32']):.0f}-{max(readings['fp32']):.0f}), bf16 {result['matmul_peak_gflops_bf16']:.0f} "
+             f"GFLOP/s ({min(readings['bf16']):.0f}-{max(readings['bf16']):.0f})",
              f"{result['preset']}: {result['params'] / 1e6:.2f}M parameters"]
     if "train" in result:
         lines += ["", "train  precision  channels_last  compile  batch  img/s    GFLOP/s  of peak"]
