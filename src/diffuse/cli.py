@@ -145,7 +145,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--what", choices=("train", "sample", "all"), default="all")
     p.add_argument("--batch", type=int, help="images per training step and per sampler call "
                                              "(default: the config's train.batch and sample.batch)")
-    p.add_argument("--steps", type=int, default=10, help="timed training steps, after untimed warm-up steps")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps of each variant (fp32 and bf16 "
+                                                          "take turns, one step each), after untimed warm-up steps")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: the config's train.threads, else "
                                                "torch's default)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
