@@ -21,9 +21,10 @@ reading of the run. Both sides use --threads torch threads.
 Needs the test extras (diffusers). Prints Markdown tables and writes DIR/throughput.json.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,7 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffuse.bench import (WARMUP_STEPS, PeakMeter, bench_sample, counted_op_share, machine, prepared_step,
-                           speed_ratio, timed_in_turn, train_result, train_step_flops)
+                           speed_ratio, step_rates, timed_in_turn, train_result, train_step_flops)
 from diffuse.config import load_config
 from diffuse.denoiser import build_denoiser
 
@@ -90,14 +91,6 @@ def peer_step_flops() -> int:
     with FlopCounterMode(display=False) as counter:
         peer_loss(model, scheduler, x0, labels, torch.Generator().manual_seed(0), "fp32").backward()
     return counter.get_total_flops()
-
-
-def peer_result(precision: str, seconds: list[float], flops: int, peak_gflops: float) -> dict:
-    per_step = statistics.median(seconds)
-    achieved = flops / per_step / 1e9
-    return {"precision": precision, "batch": BATCH, "steps": len(seconds), "seconds_per_step": per_step,
-            "seconds_each": seconds, "img_per_s": BATCH / per_step, "flops_per_step": flops,
-            "achieved_gflops": achieved, "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
 
 
 @torch.no_grad()
@@ -190,7 +183,8 @@ def main():
     share = counted_op_share(configs["fp32"], BATCH, cpu)
     ours["train_counted_ops"] = {"share_of_step": share, "of_peak": ours["train"][0]["of_peak"] / share}
     peer = {"params": sum(p.numel() for p in peer_unet().parameters()),
-            "train": [peer_result(p, seconds[f"peer {p}"], peer_flops, peak[p]) for p in ("fp32", "bf16")],
+            "train": [{"precision": p, **step_rates(BATCH, seconds[f"peer {p}"], peer_flops, peak[p])}
+                      for p in ("fp32", "bf16")],
             "sample": peer_sample_}
     ratios = ratios_of(seconds, ours_sample, unguided, peer_sample_)
     result = {"machine": machine(cpu), "matmul_peak_gflops": peak["fp32"], "matmul_peak_gflops_bf16": peak["bf16"],

@@ -189,13 +189,18 @@ def prepared_step(config: Config, batch: int, device: torch.device):
 
 
 def train_result(config: Config, batch: int, seconds: list[float], flops: int, peak_gflops: float) -> dict:
-    """Images/s and achieved GFLOP/s (`flops` per step) of the steps timed in `seconds` (after
-    WARMUP_STEPS untimed); seconds per step is the median, so one stall does not move it."""
+    """`step_rates` of the config's steps, with the switches they ran with."""
+    t = config.train
+    return {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile,
+            **step_rates(batch, seconds, flops, peak_gflops)}
+
+
+def step_rates(batch: int, seconds: list[float], flops: int, peak_gflops: float) -> dict:
+    """Images/s and achieved GFLOP/s (`flops` per step) of the training steps timed in `seconds`
+    (after WARMUP_STEPS untimed); seconds per step is the median, so one stall does not move it."""
     per_step = statistics.median(seconds)
     achieved = flops / per_step / 1e9
-    t = config.train
-    return {"precision": t.precision, "channels_last": t.channels_last, "compile": t.compile, "batch": batch,
-            "steps": len(seconds), "warmup_steps": WARMUP_STEPS, "seconds_per_step": per_step,
+    return {"batch": batch, "steps": len(seconds), "warmup_steps": WARMUP_STEPS, "seconds_per_step": per_step,
             "seconds_each": seconds, "img_per_s": batch / per_step, "flops_per_step": flops,
             "achieved_gflops": achieved, "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
 
