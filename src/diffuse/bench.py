@@ -295,30 +295,30 @@ def run_bench(config: Config, label: str, overrides: list[str], what: str, batch
     result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "matmul_size": meter.n,
               "params": sum(p.numel() for p in build_denoiser(config).parameters())}
     train_batch, sample_batch = batch or config.train.batch, batch or config.sample.batch
-    if what in ("train", "all"):
+    timing_train, timing_sample = what in ("train", "all"), what in ("sample", "all")
+    if timing_train:
         variants = precision_variants(config, overrides)
         prepared = {c.train.precision: prepared_step(c, train_batch, device) for c in variants}
         seconds = timed_in_turn(prepared, steps, device, meter)
-    if what in ("sample", "all"):
+    if timing_sample:
         meter.read()
         result["sample"] = bench_sample(config, sample_batch, device)
         meter.read()
     peak = {name: meter.best(name) for name in PEAK_DTYPES}
     result |= {"matmul_peak_gflops": peak["fp32"], "matmul_peak_gflops_bf16": peak["bf16"],
                "matmul_peak_readings": meter.readings}
-    if "sample" in result:
-        achieved = result["sample"]["achieved_gflops"]
-        result["sample"] |= {"peak_gflops": peak["fp32"], "of_peak": achieved / peak["fp32"]}
-    if what in ("train", "all"):
+    if timing_sample:
+        result["sample"] |= {"peak_gflops": peak["fp32"], "of_peak": result["sample"]["achieved_gflops"] / peak["fp32"]}
+    if timing_train:
         flops = train_step_flops(config, train_batch, device)
         result["train"] = [train_result(c, train_batch, seconds[c.train.precision], flops, peak[c.train.precision])
                            for c in variants]
         if len(variants) == 2:
             result["bf16_over_fp32"] = speed_ratio(seconds["bf16"], seconds["fp32"])
-        for variant, run in zip(variants, result["train"]):
-            share = counted_op_share(variant, train_batch, device) if run["precision"] == "fp32" else None
-            if share:  # the counted work's own rate: what of_peak would be if nothing else took time
-                result["train_counted_ops"] = {"share_of_step": share, "of_peak": run["of_peak"] / share}
+        fp32 = [(c, run) for c, run in zip(variants, result["train"]) if c.train.precision == "fp32"]
+        share = counted_op_share(fp32[0][0], train_batch, device) if fp32 else None
+        if share:  # the counted work's own rate: what of_peak would be if nothing else took time
+            result["train_counted_ops"] = {"share_of_step": share, "of_peak": fp32[0][1]["of_peak"] / share}
     return result
 
 
