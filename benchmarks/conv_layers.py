@@ -25,7 +25,7 @@ from torch import nn
 
 from diffuse.bench import PeakMeter, random_batch
 from diffuse.config import load_config
-from diffuse.denoiser import build_denoiser
+from diffuse.nets import build_denoiser
 
 
 def conv_inputs(preset: str, batch: int) -> Counter:

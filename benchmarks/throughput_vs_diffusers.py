@@ -35,7 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffuse.bench import (WARMUP_STEPS, PeakMeter, bench_sample, counted_op_share, machine, prepared_step,
                            speed_ratio, step_rates, timed_in_turn, train_result, train_step_flops)
 from diffuse.config import load_config
-from diffuse.denoiser import build_denoiser
+from diffuse.nets import build_denoiser
 
 BATCH = 64           # the fmnist preset's train.batch and sample.batch
 SAMPLE_STEPS = 25

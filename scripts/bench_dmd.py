@@ -25,7 +25,7 @@ import torch
 
 from diffuse.bench import NetEvaluations, cpu_model
 from diffuse.checkpoint import load_denoiser
-from diffuse.data import data_shape
+from diffuse.data import dataset
 from diffuse.sampling import sample
 from diffuse.seeding import image_seeds
 
@@ -47,7 +47,7 @@ def sampling_speed(run_dir: Path, n: int, batch: int) -> dict:
     batch; network evaluations per image counted as `diffuse bench` counts them."""
     config, denoiser = load_denoiser(run_dir, "ema", "cpu")
     settings = {**config.sample.sampler_args(), "batch": batch}
-    shape = data_shape(config.data.name)[0]
+    shape = dataset(config.data).shape
     labels = torch.arange(n) % 10
     with torch.inference_mode():
         sample(denoiser, shape, labels[:batch], image_seeds(1, batch), **settings)  # warm-up

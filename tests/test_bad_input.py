@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from diffuse.cli import main
-from diffuse.config import CHOICES, NONNEGATIVE, POSITIVE, PROBABILITY, all_keys, load_config
+from diffuse.config import all_keys, load_config
+from diffuse.validation import CHOICES, NONNEGATIVE, POSITIVE, PROBABILITY
 from diffuse.sampling import SAMPLERS
-from diffuse.train import train
+from diffuse.training import train
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -27,7 +28,7 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 def run_cli(argv: list[str]) -> tuple[int, str, mock.Mock]:
     """(exit code, stderr, the recorder that stood in for training) of `diffuse argv`."""
     err = io.StringIO()
-    with mock.patch("diffuse.cli.train") as recorder, contextlib.redirect_stderr(err), \
+    with mock.patch("diffuse.api.run_training") as recorder, contextlib.redirect_stderr(err), \
             contextlib.redirect_stdout(io.StringIO()):
         code = main(argv)
     return code, err.getvalue(), recorder

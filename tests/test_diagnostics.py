@@ -10,8 +10,9 @@ from diffuse import diagnostics, losses
 from diffuse.cli import main
 from diffuse.config import load_config
 from diffuse.data import fit_scaling, load_fmnist
-from diffuse.denoiser import Denoiser, build_process
-from diffuse.train import train
+from diffuse.denoiser import Denoiser
+from diffuse.process import build_process
+from diffuse.training import train
 
 HEALTHY_CHECKS = ["type: data",
                   "type: x_t at t=100", "type: v-target at t=100",

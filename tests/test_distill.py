@@ -7,20 +7,22 @@ import copy
 import numpy as np
 import pytest
 import torch
+from mixture import MODES, MU, WEIGHTS, ExactVPNet, exact_sample, mixture_report
+from safetensors.torch import load_file
 
-from diffuse import distill as D
+from diffuse import distillation as D
+from diffuse import dmd
 from diffuse.checkpoint import latest_checkpoint
 from diffuse.cli import main
 from diffuse.config import load_config
-from diffuse.denoiser import Denoiser, build_denoiser
+from diffuse.denoiser import Denoiser
 from diffuse.diagnostics import doctor_data
 from diffuse.losses import diffusion_loss
+from diffuse.nets import build_denoiser
 from diffuse.nets.mlp import MLP
 from diffuse.process import VPDiscrete
-from diffuse.train import batch_at, train
-from safetensors.torch import load_file
-
-from mixture import MODES, MU, WEIGHTS, ExactVPNet, exact_sample, mixture_report
+from diffuse.run import batch_at
+from diffuse.training import train
 
 
 def snapshot(module):
@@ -121,9 +123,9 @@ def test_the_dm_loss_gradient_is_g_over_numel_and_reaches_no_score_network():
     torch.nn.init.normal_(fake.net.out.weight)  # real and fake disagree, so g is not 0
     x = torch.randn(5, 2, requires_grad=True)
     t, eps = torch.full((5,), 500), torch.randn(5, 2)
-    g = D.dm_gradient(real, fake, x, None, t, eps)
+    g = dmd.dm_gradient(real, fake, x, None, t, eps)
     assert not g.requires_grad and g.abs().sum() > 0
-    D.dm_loss(x, g).backward()
+    dmd.dm_loss(x, g).backward()
     torch.testing.assert_close(x.grad, g / x.numel())
     assert no_grads(real) and no_grads(fake)
     # per sample: (p_real - p_fake) / mean |p_real|, p = x - x0_hat(x_t)
@@ -158,12 +160,12 @@ def test_dmd2_moves_a_one_step_generator_onto_a_mixture_with_an_exact_score():
         return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
     dist = D.Distillation(real, fake, generator, None, adamw(generator.parameters()), adamw(fake.parameters()),
-                          D.time_grid(process), D.generator_times(process, 1))
+                          dmd.time_grid(process), dmd.generator_times(process, 1))
 
     def report():
         z = torch.randn(4000, 2, generator=torch.Generator().manual_seed(5))
         with torch.no_grad():
-            x = generator.eval()(*D.generator_input(generator, z, None, dist.times, 0, []))[0]
+            x = generator.eval()(*dmd.generator_input(generator, z, None, dist.times, 0, []))[0]
         share = torch.bincount(torch.cdist(x.double(), MU).argmin(1), minlength=MODES) / len(x)
         return mixture_report(x) | {"share": share}
 

@@ -14,9 +14,10 @@ from diffuse.checkpoint import latest_checkpoint
 from diffuse.cli import main
 from diffuse.config import load_config, validate
 from diffuse.diagnostics import doctor_data, type_checks
-from diffuse.denoiser import build_denoiser
+from diffuse.nets import build_denoiser
 from diffuse.errors import UserError
-from diffuse.train import learning_rate, train, train_step, training_loss
+from diffuse.run import learning_rate
+from diffuse.training import train, train_step, training_loss
 
 QUIET = {"log": lambda *a: None}
 

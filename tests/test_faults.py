@@ -18,11 +18,12 @@ import pytest
 import torch
 
 import diffuse.checkpoint
-import diffuse.train
+import diffuse.run
+import diffuse.training
 from diffuse.checkpoint import latest_checkpoint, verify
 from diffuse.cli import main
 from diffuse.errors import Diverged, Interrupted
-from diffuse.train import train
+from diffuse.training import train
 
 # The drill's pieces: the toy run, the kill-at-N-th-call driver, and how a resume point is read.
 spec = importlib.util.spec_from_file_location("fault_drill", Path(__file__).parents[1] / "scripts" / "fault_drill.py")
@@ -99,7 +100,7 @@ def test_sigterm_and_sigint_checkpoint_exit_75_and_resume_bit_identically(straig
 def test_a_signal_after_the_save_decision_is_answered_at_the_next_step(tmp_path, tiny, monkeypatch):
     """A SIGTERM that lands late in a step (here: while the report is written, after the step decided not
     to checkpoint) must not stop the run before a checkpoint of the step it names is on disk."""
-    real, sent = diffuse.train.write_report, []
+    real, sent = diffuse.run.write_report, []
 
     def write_report(run_dir):
         if not sent:
@@ -107,7 +108,7 @@ def test_a_signal_after_the_save_decision_is_answered_at_the_next_step(tmp_path,
             os.kill(os.getpid(), signal.SIGTERM)
         return real(run_dir)
 
-    monkeypatch.setattr(diffuse.train, "write_report", write_report)
+    monkeypatch.setattr(diffuse.run, "write_report", write_report)
     with pytest.raises(Interrupted, match="SIGTERM at 0.08 kimg") as stopped:
         train(tiny("train.probe_kimg=0"), tmp_path / "run", log=lambda *a: None)
     assert newest_whole(tmp_path / "run") == pytest.approx(0.08)  # the step after the one it landed in (0.064)
@@ -120,14 +121,14 @@ def test_a_signal_after_the_save_decision_is_answered_at_the_next_step(tmp_path,
 
 def nan_loss_at(monkeypatch, bad_steps: set[int]):
     """Make the training loss NaN at the given (0-based) training steps."""
-    real, calls = diffuse.train.loss_at, [0]
+    real, calls = diffuse.training.loss_at, [0]
 
     def loss(*args, **kwargs):
         out = real(*args, **kwargs)
         calls[0] += 1
         return out * float("nan") if calls[0] - 1 in bad_steps else out
 
-    monkeypatch.setattr(diffuse.train, "loss_at", loss)
+    monkeypatch.setattr(diffuse.training, "loss_at", loss)
 
 
 def test_a_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny, monkeypatch, capsys):
@@ -154,7 +155,7 @@ def test_skip_policy_skips_the_update_and_logs_it(tmp_path, tiny, monkeypatch):
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny, monkeypatch):
-    real = diffuse.train.train_step
+    real = diffuse.training.train_step
 
     def poisoning_step(denoiser, *args):  # a step that leaves an inf in the weights but reports a finite loss
         out = real(denoiser, *args)
@@ -162,7 +163,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, tiny, monkeypatch):
             next(denoiser.parameters()).data[0] = float("inf")
         return out
 
-    monkeypatch.setattr(diffuse.train, "train_step", poisoning_step)
+    monkeypatch.setattr(diffuse.training, "train_step", poisoning_step)
     with pytest.raises(Diverged, match="not finite; no checkpoint was written"):
         train(tiny("train.probe_kimg=0", "train.nonfinite=skip"), tmp_path / "run", log=lambda *a: None)
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("step-*")] == ["step-0000008"]
@@ -194,7 +195,7 @@ def test_a_full_disk_while_logging_is_one_sentence(tmp_path, monkeypatch, capsys
     def append_jsonl(path, event):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(diffuse.train, "append_jsonl", append_jsonl)
+    monkeypatch.setattr(diffuse.run, "append_jsonl", append_jsonl)
     assert main(["train", *TOY, *IN_PROCESS, "--set", "train.kimg=1.024", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "metrics.jsonl" in err and "No space left on device" in err

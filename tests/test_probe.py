@@ -8,7 +8,7 @@ from diffuse.checkpoint import latest_checkpoint, load_checkpoint
 from diffuse.denoiser import Denoiser
 from diffuse.metrics.probe import Probe, fit_baseline, moderate_time
 from diffuse.process import RectifiedFlow, VPDiscrete
-from diffuse.train import train
+from diffuse.training import train
 
 
 class ReadsInput(nn.Module):

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from diffuse.checkpoint import latest_checkpoint
-from diffuse.denoiser import build_denoiser
+from diffuse.nets import build_denoiser
 from diffuse.errors import UserError
 from diffuse.speed import prepare, to_memory_format
-from diffuse.train import train, train_step, training_loss
+from diffuse.training import train, train_step, training_loss
 
 
 def twin_steps(config, switched: dict) -> tuple[tuple[float, float], tuple[float, float], torch.nn.Module,

@@ -14,8 +14,8 @@ from PIL import Image
 from diffuse.checkpoint import load_denoiser
 from diffuse.cli import main
 from diffuse.config import DataConfig, load_config
-from diffuse.data import Scaling, eval_conditions, load_fmnist, load_train_data
-from diffuse.denoiser import build_denoiser
+from diffuse.data import Scaling, dataset, load_fmnist
+from diffuse.nets import build_denoiser
 from diffuse.errors import UserError
 from diffuse.metrics.superres import measures, psnr, upsample
 from diffuse.nets.unet import UNet
@@ -122,12 +122,12 @@ def test_bad_superres_settings_are_one_sentence(override, words):
 
 
 def test_superres_needs_fashion_mnist():
-    with pytest.raises(UserError, match="needs data.name 'fmnist'"):
+    with pytest.raises(UserError, match="needs image data"):
         load_config("toy2d", overrides=["data.task=superres"])
 
 
 def test_condition_is_the_4x4_block_mean_of_the_scaled_image():
-    data = load_train_data(DataConfig(task="superres", factor=4), None)
+    data = dataset(DataConfig(task="superres", factor=4)).load("train")
     images, labels = load_fmnist("train")
     assert data.cond.shape == (60000, 1, 7, 7) and torch.equal(data.y, labels)
     k = 123
@@ -140,14 +140,14 @@ def test_condition_is_the_4x4_block_mean_of_the_scaled_image():
 
 def test_eval_conditions_are_the_low_res_test_images_cycling():
     scaling = Scaling(0.25, 0.5)
-    cond, labels = eval_conditions(DataConfig(task="superres"), scaling, 10_003)
+    cond, labels = dataset(DataConfig(task="superres")).eval_conditions(scaling, 10_003)
     images, test_labels = load_fmnist("test")
     assert cond.shape == (10_003, 1, 7, 7)
     assert torch.equal(labels[:10_000], test_labels) and torch.equal(labels[10_000:], test_labels[:3])
     torch.testing.assert_close(cond[10_001], cond[1], rtol=0, atol=0)
     block = images[1, 8:12, 4:8, 0].double().mean() / 255
     assert abs(cond[1, 0, 2, 1].item() - (block.item() - scaling.mean) / scaling.std) < 1e-5
-    class_cond, class_labels = eval_conditions(DataConfig(), scaling, 12)  # the class task: unchanged
+    class_cond, class_labels = dataset(DataConfig()).eval_conditions(scaling, 12)  # the class task: unchanged
     assert class_cond.tolist() == class_labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
 
 
@@ -182,7 +182,7 @@ def run(tmp_path_factory):
 def test_trained_samples_follow_their_own_low_res_input(run):
     config, denoiser = load_denoiser(run)
     scaling = Scaling(config.data.mean, config.data.std)
-    cond, _ = eval_conditions(config.data, scaling, 64)
+    cond, _ = dataset(config.data).eval_conditions(scaling, 64)
     truth = load_fmnist("test")[0][:64].numpy()
     x = sample(denoiser, (1, 28, 28), cond, range(64), **config.sample.sampler_args())
     images = scaling.decode(x).numpy()

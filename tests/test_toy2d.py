@@ -7,7 +7,7 @@ from diffuse.checkpoint import load_denoiser
 from diffuse.config import load_config
 from diffuse.data import toy2d_mixture
 from diffuse.sampling import sample
-from diffuse.train import train
+from diffuse.training import train
 
 
 @pytest.fixture(scope="module")

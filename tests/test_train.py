@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from diffuse.checkpoint import latest_checkpoint, verify
 from diffuse.errors import UserError
-from diffuse.train import train
+from diffuse.training import train
 
 
 def weights(run_dir):

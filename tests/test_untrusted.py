@@ -14,7 +14,7 @@ import pytest
 from diffuse.checkpoint import load_checkpoint, verify
 from diffuse.cli import main
 from diffuse.errors import UserError
-from diffuse.train import train
+from diffuse.training import train
 
 SRC = Path(__file__).parents[1] / "src" / "diffuse"
 

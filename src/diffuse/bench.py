@@ -1,7 +1,7 @@
 """`diffuse bench`: how fast this machine trains and samples a preset, against its own matmul peak.
 
 Every number is measured in the same run: the roof (the best rate of a large matrix product, fp32
-and bf16), the training step (`train.train_step`, the loop's own step, with the optimizer the loop
+and bf16), the training step (`training.train_step`, the loop's own step, with the optimizer the loop
 builds) and the sampler (`sampling.sample` with the preset's settings). The step's work is counted
 by `FlopCounterMode` (matrix products, convolutions and attention, forward and backward), so
 achieved GFLOP/s over the peak says how much of the machine the network uses; what the counter
@@ -31,12 +31,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffuse.config import Config
-from diffuse.data import condition_shape, data_shape
-from diffuse.denoiser import build_denoiser
+from diffuse.data import dataset
+from diffuse.nets import build_denoiser
 from diffuse.sampling import sample
 from diffuse.seeding import derive_seed
 from diffuse.speed import prepare
-from diffuse.train import train_step, training_loss
+from diffuse.training import train_step, training_loss
 
 WARMUP_STEPS = 2     # untimed: the first steps allocate memory, pick kernels and, with train.compile, compile
 PEAK_REPEATS = 3     # timed matrix products per dtype in one reading of the peak
@@ -132,13 +132,12 @@ def speed_ratio(seconds: list[float], baseline: list[float]) -> float:
 def random_batch(config: Config, batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0 (B, *shape), cond): a batch shaped like the data, with class labels or low-res images as conditions."""
     generator = torch.Generator().manual_seed(seed)
-    shape, num_classes = data_shape(config.data.name)
-    x0 = torch.randn((batch, *shape), generator=generator)
-    image_cond = condition_shape(config.data)
-    if image_cond:
-        cond = torch.randn((batch, *image_cond), generator=generator)
+    data = dataset(config.data)
+    x0 = torch.randn((batch, *data.shape), generator=generator)
+    if data.cond_shape:
+        cond = torch.randn((batch, *data.cond_shape), generator=generator)
     else:
-        cond = torch.arange(batch) % num_classes
+        cond = torch.arange(batch) % data.num_classes
     return x0.to(device), cond.to(device)
 
 
@@ -252,7 +251,7 @@ def bench_sample(config: Config, batch: int, device: torch.device) -> dict:
     torch.manual_seed(config.train.seed)
     denoiser = build_denoiser(config).to(device).eval().requires_grad_(False)
     _, cond = random_batch(config, batch, device)
-    shape = data_shape(config.data.name)[0]
+    shape = dataset(config.data).shape
     settings = {**config.sample.sampler_args(), "batch": batch}
     warmup = NetEvaluations(denoiser.net)
     with FlopCounterMode(display=False) as counter:

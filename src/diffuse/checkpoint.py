@@ -24,10 +24,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffuse.config import Config, read_config, to_toml
-from diffuse.denoiser import build_denoiser
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
 from diffuse.files import fsync_path, sha256_file
+from diffuse.nets import build_denoiser
 
 CHECKPOINTS = "checkpoints"
 REQUIRED = ("model.safetensors", "ema.safetensors", "state.json", "config.toml")

@@ -1,12 +1,14 @@
-"""Typed configuration: dataclasses, TOML presets, `--set key=value` overrides, validation.
+"""Typed configuration: dataclasses, TOML presets, `--set key=value` overrides.
 
 A config is read from a preset (src/diffuse/presets/NAME.toml) or a TOML file, then overridden
-key by key; every value is checked against its field's type and range, and the resolved config
-is written into the run directory, so a run is rebuilt from its own files alone.
+key by key; every value is checked against its field's type here and against its range and the
+other sections in `diffuse.validation`, and the resolved config is written into the run
+directory, so a run is rebuilt from its own files alone.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -16,14 +18,15 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from diffuse.errors import UserError
+from diffuse.validation import validate
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass
 class DataConfig:
-    name: str = "fmnist"              # fmnist | toy2d
-    task: str = "class"               # class: condition on the label | superres: on a low-res image
+    name: str = "fmnist"              # fmnist | toy2d (data.DATASETS)
+    task: str = "class"               # class: condition on the label | superres: on a low-res image (data.TASKS)
     factor: int = 4                   # superres: the condition is the image average-pooled factor x factor
     mean: float | None = None         # pixel scaling x = (p / 255 - mean) / std, fitted on the first run
     std: float | None = None
@@ -142,32 +145,6 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
-CHOICES = {
-    "data.name": ("fmnist", "toy2d"),
-    "data.task": ("class", "superres"),
-    "diffusion.process": ("vp", "flow", "edm"),
-    "diffusion.schedule": ("linear", "scaled_linear", "cosine"),
-    "diffusion.prediction": ("eps", "x0", "v", "flow", "edm"),
-    "model.net": ("unet", "mp_unet", "mlp"),
-    "sample.sampler": ("ddim", "ddpm", "euler", "heun", "renoise"),
-    "distill.method": ("none", "dmd", "dmd2"),
-    "sample.spacing": ("trailing", "leading", "linspace"),
-    "train.nonfinite": ("stop", "skip"),
-    "train.lr_schedule": ("constant", "inv_sqrt"),
-    "train.loss_weighting": ("uniform", "uncertainty"),
-    "train.ema": ("traditional", "power"),
-    "train.precision": ("fp32", "bf16"),
-}
-POSITIVE = {"data.factor", "diffusion.sigma_data", "diffusion.P_std", "diffusion.sigma_min", "diffusion.sigma_max",
-            "diffusion.rho", "train.lr_ref_kimg", "train.ema_snapshot_kimg", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
-            "train.grid_kimg", "train.checkpoint_kimg", "train.keep_checkpoints", "train.fd_n", "train.fd_steps",
-            "model.blocks", "model.emb_dim", "model.hidden", "model.depth", "sample.steps", "sample.n_eval", "sample.batch",
-            "distill.generator_steps", "distill.gen_every", "distill.pairs", "distill.pair_steps"}
-NONNEGATIVE = {"train.warmup_kimg", "train.weight_decay", "train.grad_clip", "train.seed", "train.threads",
-               "train.probe_kimg", "train.fd_kimg", "sample.cfg", "sample.S_churn", "distill.regression",
-               "distill.gan_gen", "distill.gan_disc", "distill.real_cfg"}
-PROBABILITY = {"train.adam_beta2", "model.dropout", "model.cond_drop", "train.ema_rampup", "sample.rescale", "sample.eta",
-               "distill.dm_t_min", "distill.dm_t_max"}
 # Keys a resumed run may change: how long to train, how often to log, probe and measure, how to sample,
 # and the speed switches (diffuse.speed), which change how a step runs but not the weights' files.
 RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.checkpoint_kimg",
@@ -181,16 +158,16 @@ RESUMABLE_CHANGES = ("train.kimg", "train.log_kimg", "train.grid_kimg", "train.c
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,
-                overrides: list[str] = ()) -> Config:
-    """Defaults <- preset or TOML file <- `key=value` overrides, validated."""
-    if preset and path:
+                overrides: list[str] = (), base: Config | None = None) -> Config:
+    """Defaults (or a copy of `base`) <- preset or TOML file <- `key=value` overrides, validated."""
+    if sum(x is not None and x != "" for x in (preset, path, base)) > 1:
         raise UserError("give --preset or --config, not both.")
     table: dict[str, Any] = {}
     if preset:
         table = _read_toml(preset_path(preset))
     elif path:
         table = _read_toml(Path(path))
-    config = from_dict(table)
+    config = copy.deepcopy(base) if base is not None else from_dict(table)
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
@@ -292,87 +269,6 @@ def _coerce(key: str, kind, value):
         return value
     names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
     raise UserError(f"{key} must be {names.get(base, base.__name__)}, not {value!r}.")
-
-
-def validate(config: Config) -> None:
-    """Range and consistency checks; each failure is one sentence naming the key and the fix."""
-    flat = to_dict(config)
-    for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        if flat[section][name] not in choices:
-            raise UserError(f"{key} = {flat[section][name]!r} is not one of {', '.join(choices)}.")
-    for key in POSITIVE:
-        section, name = key.split(".")
-        if not flat[section][name] > 0:
-            raise UserError(f"{key} must be greater than 0, not {flat[section][name]!r}.")
-    for key in NONNEGATIVE:
-        section, name = key.split(".")
-        if not flat[section][name] >= 0:
-            raise UserError(f"{key} must be 0 or more, not {flat[section][name]!r}.")
-    for key in PROBABILITY:
-        section, name = key.split(".")
-        if not 0 <= flat[section][name] <= 1:
-            raise UserError(f"{key} must lie in [0, 1], not {flat[section][name]!r}.")
-    d, m, s = config.diffusion, config.model, config.sample
-    terminal_alpha_zero = d.process == "flow" or (d.process == "vp" and d.zero_terminal_snr)
-    if d.prediction == "eps" and terminal_alpha_zero:
-        why = "rectified flow" if d.process == "flow" else "zero terminal SNR"
-        raise UserError(f"eps-prediction cannot be used with {why}: at the last step alpha = 0 and "
-                        "x0 = (x_t - sigma * eps) / alpha divides by zero; use prediction v or x0.")
-    if d.process == "edm" and d.prediction not in ("edm", "eps", "x0"):
-        raise UserError(f"prediction '{d.prediction}' does not suit process 'edm', whose sigma reaches "
-                        f"{d.sigma_max:g}; use prediction edm (EDM's preconditioning), eps or x0.")
-    if d.process == "edm" and d.sigma_min >= d.sigma_max:
-        raise UserError(f"diffusion.sigma_min {d.sigma_min:g} must be below diffusion.sigma_max {d.sigma_max:g}.")
-    t = config.train
-    if t.adam_beta2 >= 1:
-        raise UserError(f"train.adam_beta2 {t.adam_beta2:g} must be below 1: Adam's second moment needs to forget.")
-    if t.loss_weighting == "uncertainty" and m.net != "mp_unet":
-        raise UserError("train.loss_weighting 'uncertainty' needs the log-variance head of model.net 'mp_unet'.")
-    if t.ema == "power" and (not t.ema_sigma_rels or not all(0 < r < 0.2887 for r in t.ema_sigma_rels)):
-        raise UserError(f"train.ema_sigma_rels {t.ema_sigma_rels} must be one or more values in (0, 0.2887).")
-    dist = config.distill
-    if dist.dm_t_min >= dist.dm_t_max:
-        raise UserError(f"distill.dm_t_min {dist.dm_t_min:g} must be below distill.dm_t_max {dist.dm_t_max:g}.")
-    if dist.method == "dmd" and dist.gan_gen > 0:
-        raise UserError("distill.gan_gen is DMD2's GAN term; use distill.method 'dmd2' for it.")
-    if dist.method != "none" and (t.channels_last or t.compile):
-        raise UserError("diffuse distill takes train.precision but not train.channels_last or train.compile; "
-                        "set them to false.")
-    if dist.method == "dmd2" and dist.regression > 0:
-        raise UserError("distill.regression is DMD's loss on teacher pairs, which DMD2 drops; use method 'dmd'.")
-    if s.S_churn > 0 and s.sampler != "heun":
-        raise UserError(f"sample.S_churn {s.S_churn:g} is the heun sampler's churn; set sample.sampler = 'heun' or leave it 0.")
-    if d.prediction == "flow" and d.process != "flow":
-        raise UserError("prediction 'flow' is the rectified-flow velocity; use it with process 'flow'.")
-    if d.process == "vp" and max(s.steps, config.train.fd_steps) > 1000:
-        raise UserError(f"sample.steps and train.fd_steps must be at most 1000, the steps of process 'vp', "
-                        f"not {max(s.steps, config.train.fd_steps)}.")
-    if s.sampler == "euler" and d.process != "flow":
-        raise UserError("the euler sampler integrates the rectified-flow ODE; use ddim for process 'vp'.")
-    if config.data.task == "superres" and config.data.name != "fmnist":
-        raise UserError(f"data.task 'superres' needs data.name 'fmnist', not {config.data.name!r}.")
-    if config.data.task == "superres" and (config.data.factor < 2 or 28 % config.data.factor):
-        raise UserError(f"data.factor {config.data.factor} must divide the 28-pixel side and be at least 2 "
-                        "(2, 4, 7, 14 or 28).")
-    if (config.data.name == "toy2d") != (m.net == "mlp"):
-        raise UserError("data 'toy2d' goes with model.net 'mlp', and image data with 'unet' or 'mp_unet'.")
-    if m.net == "mp_unet" and d.process != "edm":
-        raise UserError("model.net 'mp_unet' embeds EDM's c_noise = ln(sigma) / 4; use it with diffusion.process 'edm'.")
-    if m.net == "mp_unet" and config.data.task != "class":
-        raise UserError("model.net 'mp_unet' is class-conditional; use 'unet' for data.task 'superres'.")
-    if m.net in ("unet", "mp_unet"):
-        if not m.channels or min(m.channels) < 8 or any(c % 8 for c in m.channels):
-            raise UserError(f"model.channels {m.channels} must be multiples of 8, at least 8.")
-        if 28 % 2 ** (len(m.channels) - 1):
-            raise UserError(f"model.channels has {len(m.channels)} levels; 28x28 images allow at most 3.")
-        if any(not 0 <= lv < len(m.channels) for lv in m.attn_levels):
-            raise UserError(f"model.attn_levels {m.attn_levels} must name levels 0 to {len(m.channels) - 1}.")
-    if config.train.fd_kimg > 0 and config.data.name != "fmnist":
-        raise UserError(f"train.fd_kimg measures FD-FMNIST; set it to 0 for data '{config.data.name}'.")
-    if (config.data.mean is None) != (config.data.std is None) or (config.data.std is not None
-                                                                  and config.data.std <= 0):
-        raise UserError("data.mean and data.std go together, with std > 0; leave both unset to fit them.")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Data sets as in-memory tensors, and the scaling that maps them to mean 0, std 1.
+"""Data sets: the `Dataset` record, the files behind it, and the scaling that maps them to mean 0, std 1.
 
 Fashion-MNIST is read from its four IDX files: Debian's `dataset-fashion-mnist` package puts
 them in /usr/share/datasets/fashion-mnist; `DIFFUSE_FMNIST_DIR` may name another folder; where
@@ -12,16 +12,21 @@ import math
 import os
 import shutil
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffuse.config import DataConfig
 from diffuse.errors import UserError
 from diffuse.files import sha256_file
+from diffuse.images import first_of_each_class, panel, rows_by_label, save_grid, save_scatter
+
+if TYPE_CHECKING:  # config imports this module's choice lists
+    from diffuse.config import DataConfig
 
 FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -143,7 +148,7 @@ def load_fmnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 @dataclass
 class TrainData:
-    """Scaled training data in memory.
+    """Scaled data in memory.
 
     x: float32 (N, C, H, W) or (N, 2) in model space; y: int64 (N,) class labels (what the probe
     and the class accuracy are measured against); cond: what the model is conditioned on, (N, ...),
@@ -159,6 +164,10 @@ class TrainData:
     def __post_init__(self):
         if self.cond is None:
             self.cond = self.y
+
+    def to(self, device: str | torch.device) -> TrainData:
+        self.x, self.y, self.cond = self.x.to(device), self.y.to(device), self.cond.to(device)
+        return self
 
     def describe(self) -> str:
         return (f"{len(self.x)} examples of shape {tuple(self.x.shape[1:])}, {self.num_classes} classes; "
@@ -186,19 +195,6 @@ def toy2d_mixture(modes: int = 8, radius: float = 2.0, std: float = 0.25) -> tup
     return means.float(), std / norm
 
 
-def data_shape(name: str) -> tuple[tuple[int, ...], int]:
-    """(shape of one example, number of classes) of the data set called `name`."""
-    return {"fmnist": ((1, 28, 28), 10), "toy2d": ((2,), 8)}[name]
-
-
-def condition_shape(data: DataConfig) -> tuple[int, ...] | None:
-    """The shape of one image condition (C, H / factor, W / factor), or None where the condition is a label."""
-    if data.task != "superres":
-        return None
-    channels, height, width = data_shape(data.name)[0]
-    return channels, height // data.factor, width // data.factor
-
-
 def low_res(x: torch.Tensor, factor: int) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, H / factor, W / factor): the mean of each factor x factor block.
 
@@ -208,40 +204,109 @@ def low_res(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.avg_pool2d(x, factor)
 
 
-def load_train_data(data: DataConfig, scaling: Scaling | None, seed: int = 0) -> TrainData:
-    """The training set a `DataConfig` names, scaled.
+# ---------------------------------------------------------------------------------------------
+# The Dataset record: everything the rest of diffuse knows of a data set.
 
-    Fits the scaling if None. For the superres task the condition is the low-res image in model
-    space (N, C, H / factor, W / factor); y stays the class labels.
+DATASETS = ("fmnist", "toy2d")
+TASKS = ("class", "superres")  # data.task: condition on the label | on a low-res version of the image
+GRID_PER_CLASS = 10            # images per class in the training grid
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A data set as training, sampling, evaluation and the pictures see it; made by `dataset(config.data)`
+    without reading a file.
+
+    Images are uint8 (N, H, W, C) in files and float32 (N, C, H, W) in model space (`Scaling`);
+    points are float32 (N, D), already in model space.
     """
-    if data.name == "fmnist":
-        images, labels = load_fmnist("train")
+
+    name: str
+    shape: tuple[int, ...]                # one example in model space: (C, H, W), or (D,) for points
+    num_classes: int                      # classes of the labels y: the probe's and the accuracy's targets
+    condition: str                        # what the model is conditioned on: "label" | "image"
+    cond_shape: tuple[int, ...] | None    # one image condition, (C, H / factor, W / factor); None for labels
+    factor: int                           # image condition: the image average-pooled factor x factor
+    features: str | None                  # the feature net of its FD ("fmnist": FD-FMNIST), or None
+    read: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None  # split -> (uint8 images, labels); None: points
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.shape) == 3
+
+    def load(self, split: str = "train", scaling: Scaling | None = None, seed: int = 0) -> TrainData:
+        """The split in model space, with the scaling fitted to it where `scaling` is None."""
+        if not self.is_image:
+            return TrainData(*toy2d(50_000, seed=seed), self.num_classes, None)
+        images, labels = self.read(split)
         scaling = scaling or fit_scaling(images)
         x = scaling.encode(images)
-        cond = low_res(x, data.factor) if data.task == "superres" else None
-        return TrainData(x, labels, 10, scaling, cond)
+        return TrainData(x, labels, self.num_classes, scaling, self.condition_of(x))
+
+    def condition_of(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The image condition of examples x (N, C, H, W) in model space; None where the condition is the label."""
+        return low_res(x, self.factor) if self.condition == "image" else None
+
+    def eval_truth(self, n: int) -> torch.Tensor | None:
+        """The images the evaluation conditions come from: the first n test images, cycling; None for labels."""
+        if self.condition != "image":
+            return None
+        images, _ = self.read("test")
+        return images[torch.arange(n) % len(images)]
+
+    def eval_conditions(self, scaling: Scaling | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditions (n, ...), class labels (n,)) of n evaluation samples.
+
+        Labels: the classes in turn, 0, 1, ..., as both. Image condition: the low-res versions
+        (n, C, H / factor, W / factor) in model space of `eval_truth(n)`, and their classes.
+        """
+        if self.condition == "image":
+            images, labels = self.read("test")
+            index = torch.arange(n) % len(images)
+            return self.condition_of(scaling.encode(images[index])), labels[index]
+        labels = torch.arange(n) % self.num_classes
+        return labels, labels
+
+    def grid_conditions(self, scaling: Scaling | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(conditions, labels, truth or None) of the fixed picture drawn during training: GRID_PER_CLASS
+        images of each class; for an image condition the first test image of each class; 2,000 points."""
+        if not self.is_image:
+            labels = torch.arange(2000) % self.num_classes
+            return labels, labels, None
+        if self.condition == "image":
+            images, labels = self.read("test")
+            first = torch.as_tensor(first_of_each_class(labels))
+            return self.condition_of(scaling.encode(images[first])), labels[first], images[first]
+        labels = torch.arange(self.num_classes).repeat_interleave(GRID_PER_CLASS)
+        return labels, labels, None
+
+    def picture(self, path: Path, samples: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None) -> None:
+        """A PNG of samples: points as a scatter plot; images a row per class (GRID_PER_CLASS of each);
+        for an image condition rows low-res input / sample / truth, a column per class."""
+        samples, labels = np.asarray(samples), np.asarray(labels)
+        if not self.is_image:
+            save_scatter(path, samples, labels)
+        elif self.condition == "image":
+            cols = first_of_each_class(labels)
+            save_grid(path, panel(samples[cols], np.asarray(truth)[cols], self.factor), nrow=len(cols))
+        else:
+            save_grid(path, samples[rows_by_label(labels, per_row=GRID_PER_CLASS)], nrow=GRID_PER_CLASS)
+
+
+def dataset(data: DataConfig) -> Dataset:
+    """The Dataset a `DataConfig` names (data.name, data.task, data.factor); reads no file."""
+    if data.name not in DATASETS:
+        raise UserError(f"unknown data set '{data.name}'; choose one of {', '.join(DATASETS)}.")
+    if data.task not in TASKS:
+        raise UserError(f"data.task {data.task!r} is not one of {', '.join(TASKS)}.")
     if data.name == "toy2d":
-        x, labels = toy2d(50_000, seed=seed)
-        return TrainData(x, labels, 8, None)
-    raise UserError(f"unknown data set '{data.name}'; choose fmnist or toy2d.")
-
-
-def eval_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n Fashion-MNIST test images, cycling past 10000: (uint8 (n, 28, 28, 1), labels (n,))."""
-    images, labels = load_fmnist("test")
-    index = torch.arange(n) % len(images)
-    return images[index], labels[index]
-
-
-def eval_conditions(data: DataConfig, scaling: Scaling | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(conditions (n, ...), class labels (n,)) of n evaluation samples.
-
-    Class task: the classes in turn, 0, 1, ..., as both. Superres: the low-res versions
-    (n, C, H / factor, W / factor) in model space of the images of `eval_images(n)`, and their labels.
-    """
-    if data.task == "superres":
-        images, labels = eval_images(n)
-        return low_res(scaling.encode(images), data.factor), labels
-    _, num_classes = data_shape(data.name)
-    labels = torch.arange(n) % num_classes
-    return labels, labels
+        if data.task != "class":
+            raise UserError(f"data.task {data.task!r} needs image data; the toy2d points take 'class'.")
+        return Dataset("toy2d", (2,), 8, "label", None, 1, None, None)
+    shape = (1, 28, 28)  # Fashion-MNIST: 28x28 grey images, 10 classes
+    if data.task == "class":
+        return Dataset("fmnist", shape, 10, "label", None, 1, "fmnist", load_fmnist)
+    if data.factor < 2 or shape[1] % data.factor:
+        raise UserError(f"data.factor {data.factor} must divide the {shape[1]}-pixel side and be at least 2.")
+    cond_shape = (shape[0], shape[1] // data.factor, shape[2] // data.factor)
+    return Dataset("fmnist", shape, 10, "image", cond_shape, data.factor, "fmnist", load_fmnist)

@@ -29,11 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffuse.data import condition_shape, data_shape
-from diffuse.nets.mlp import MLP
-from diffuse.nets.mp_unet import MPUNet
-from diffuse.nets.unet import UNet
-from diffuse.process import EDM, Process, RectifiedFlow, VPDiscrete
+from diffuse.process import Process
 
 PREDICTIONS = ("eps", "x0", "v", "flow", "edm")
 
@@ -151,34 +147,3 @@ class Denoiser(nn.Module):
         alpha, sigma = self.process.alpha_sigma(t)
         F = self.raw(x_t, t, cond)
         return from_prediction(self.prediction, F, x_t.to(F.dtype), alpha, sigma, self.sigma_data)
-
-
-def build_process(diffusion) -> Process:
-    """The noise process a `DiffusionConfig` names."""
-    if diffusion.process == "flow":
-        return RectifiedFlow()
-    if diffusion.process == "edm":
-        return EDM(P_mean=diffusion.P_mean, P_std=diffusion.P_std, sigma_min=diffusion.sigma_min,
-                   sigma_max=diffusion.sigma_max, rho=diffusion.rho)
-    return VPDiscrete(diffusion.schedule, diffusion.zero_terminal_snr)
-
-
-def build_denoiser(config) -> Denoiser:
-    """A freshly initialized denoiser for a `Config`; the data set fixes the shape and classes,
-    the task the condition (class labels, or an image through the U-Net's image encoder)."""
-    shape, num_classes = data_shape(config.data.name)
-    cond_shape = condition_shape(config.data)
-    m = config.model
-    if m.net == "mlp":
-        net = MLP(dim=shape[0], hidden=m.hidden, depth=m.depth, num_classes=num_classes,
-                  emb_dim=m.emb_dim, dropout=m.dropout)
-    elif m.net == "mp_unet":
-        net = MPUNet(in_channels=shape[0], channels=tuple(m.channels), blocks=m.blocks,
-                     attn_levels=tuple(m.attn_levels), num_classes=num_classes, emb_dim=m.emb_dim,
-                     dropout=m.dropout, fixed_mp=m.fixed_mp)
-    else:
-        net = UNet(in_channels=shape[0], channels=tuple(m.channels), blocks=m.blocks,
-                   attn_levels=tuple(m.attn_levels), num_classes=0 if cond_shape else num_classes,
-                   emb_dim=m.emb_dim, dropout=m.dropout, cond_shape=cond_shape)
-    d = config.diffusion
-    return Denoiser(net, build_process(d), d.prediction, d.sigma_data)  # only the edm prediction reads sigma_data

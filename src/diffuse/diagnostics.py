@@ -1,7 +1,7 @@
 """The sanity checks behind `diffuse doctor`: bugs that let the loss fall while sampling is broken.
 
 Every check goes through the code that trains (the data loader and its scaling, `losses.noised`
-and `losses.loss_at`, `train.train_step`, the `Denoiser`), so a bug planted there is caught here:
+and `losses.loss_at`, `training.train_step`, the `Denoiser`), so a bug planted there is caught here:
 
 - type checks: mean, std, RMS and *composition* of the training data, x_t, the target and the
   initial output. Std cannot tell eps from v from x0 (all have std 1 under VP), so each tensor is
@@ -29,11 +29,13 @@ from tqdm import tqdm
 from diffuse import losses
 from diffuse.checkpoint import load_denoiser
 from diffuse.config import RESUMABLE_CHANGES, Config, load_config, to_dict
-from diffuse.data import TrainData, load_train_data
-from diffuse.denoiser import Denoiser, append_dims, build_denoiser
+from diffuse.data import TrainData, dataset
+from diffuse.denoiser import Denoiser, append_dims
+from diffuse.nets import build_denoiser
 from diffuse.process import EDM, VPDiscrete
 from diffuse.seeding import derive_seed
-from diffuse.train import batch_at, epoch_permutation, learning_rate, scaling_of, train_step, training_loss
+from diffuse.run import batch_at, epoch_permutation, learning_rate, load_data
+from diffuse.training import train_step, training_loss
 
 TYPE_BATCH = 256          # real images for the type checks' statistics and regressions
 NET_BATCH = 128           # held-out images the network sees in the identity, leak and output checks
@@ -70,11 +72,7 @@ class Check:
 
 def doctor_data(config: Config, device="cpu") -> TrainData:
     """The training data as `train` loads it; fills in config.data.mean/std when unset, as `train` does."""
-    data = load_train_data(config.data, scaling_of(config), seed=config.train.seed)
-    if data.scaling:
-        config.data.mean, config.data.std = data.scaling.mean, data.scaling.std
-    data.x, data.y, data.cond = data.x.to(device), data.y.to(device), data.cond.to(device)
-    return data
+    return load_data(config, dataset(config.data), device)
 
 
 def fresh_denoiser(config: Config, device="cpu") -> Denoiser:
@@ -307,7 +305,7 @@ def leak_check(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor, seed: i
 
 def train_briefly(config: Config, data: TrainData, steps: int = EARLY_STEPS, device="cpu",
                   progress: bool = False) -> tuple[Denoiser, list[float]]:
-    """`steps` steps of `train.train_step` exactly as `train` makes them; returns (model, losses per step)."""
+    """`steps` steps of `training.train_step` exactly as `train` makes them; returns (model, losses per step)."""
     t = config.train
     denoiser = fresh_denoiser(config, device)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=t.lr, weight_decay=t.weight_decay)

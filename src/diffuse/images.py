@@ -1,4 +1,4 @@
-"""Sample files: `.npz` with images uint8 (N, H, W, C) and labels int64 (N,); PNG grids and scatter plots."""
+"""Sample files: `.npz` with images uint8 (N, H, W, C) and labels int64 (N,); PNG grids, panels and scatter plots."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from diffuse.errors import UserError
@@ -66,6 +67,46 @@ def rows_by_label(labels: np.ndarray, per_row: int = 10, rows: int = 10) -> np.n
     picked = [np.flatnonzero(labels == label)[:per_row] for label in np.unique(labels)[:rows]]
     full = [p for p in picked if len(p) == per_row]
     return np.concatenate(full) if full else np.arange(min(len(labels), per_row * rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels in [0, 1] and the super-resolution panel.
+
+
+def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> float64 (N, C, H, W) in [0, 1]."""
+    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).double() / 255.0
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C), rounded and clipped."""
+    return (x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def low_res_of(images: np.ndarray | torch.Tensor, factor: int) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> their low-res versions float64 (N, C, H / factor, W / factor) in [0, 1]."""
+    return F.avg_pool2d(to_unit(images), factor)
+
+
+def upsample(low: torch.Tensor, factor: int, mode: str) -> np.ndarray:
+    """Low-res images (N, C, h, w) in [0, 1] -> uint8 (N, h * factor, w * factor, C), 'nearest' or 'bilinear'."""
+    align = {} if mode == "nearest" else {"align_corners": False}
+    return to_uint8(F.interpolate(low, scale_factor=factor, mode=mode, **align))
+
+
+def first_of_each_class(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Indices of the first image of each class present, classes ascending."""
+    labels = np.asarray(labels)
+    return np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels[labels >= 0])], dtype=np.int64)
+
+
+def panel(samples: np.ndarray, truth: np.ndarray, factor: int) -> np.ndarray:
+    """Rows for a grid of k columns: low-res input (nearest-upsampled), sample, truth -> uint8 (3k, H, W, C)."""
+    return np.concatenate([upsample(low_res_of(truth, factor), factor, "nearest"), samples, truth])
+
+
+# ---------------------------------------------------------------------------------------------
+# PNG files.
 
 
 def save_grid(path: Path, images: np.ndarray, nrow: int, scale: int = 2) -> None:

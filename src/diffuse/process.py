@@ -19,6 +19,8 @@ import torch
 
 from diffuse.errors import UserError
 
+PROCESSES = ("vp", "flow", "edm")
+SCHEDULES = ("linear", "scaled_linear", "cosine")
 SPACINGS = ("trailing", "leading", "linspace")
 
 
@@ -190,3 +192,13 @@ class EDM:
 
 
 Process = VPDiscrete | RectifiedFlow | EDM
+
+
+def build_process(diffusion) -> Process:
+    """The noise process a `DiffusionConfig` names."""
+    if diffusion.process == "flow":
+        return RectifiedFlow()
+    if diffusion.process == "edm":
+        return EDM(P_mean=diffusion.P_mean, P_std=diffusion.P_std, sigma_min=diffusion.sigma_min,
+                   sigma_max=diffusion.sigma_max, rho=diffusion.rho)
+    return VPDiscrete(diffusion.schedule, diffusion.zero_terminal_snr)

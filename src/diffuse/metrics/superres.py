@@ -15,32 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from diffuse.images import low_res_of, to_unit, upsample
 from diffuse.metrics.fmnist_fd import evaluate_images
 
 BASELINES = ("nearest", "bilinear")
-
-
-def to_unit(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> float64 (N, C, H, W) in [0, 1]."""
-    return torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).double() / 255.0
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """float (N, C, H, W) in [0, 1] -> uint8 (N, H, W, C), rounded and clipped."""
-    return (x * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def low_res_of(images: np.ndarray | torch.Tensor, factor: int) -> torch.Tensor:
-    """uint8 (N, H, W, C) -> their low-res versions float64 (N, C, H / factor, W / factor) in [0, 1]."""
-    return F.avg_pool2d(to_unit(images), factor)
-
-
-def upsample(low: torch.Tensor, factor: int, mode: str) -> np.ndarray:
-    """Low-res images (N, C, h, w) in [0, 1] -> uint8 (N, h * factor, w * factor, C), 'nearest' or 'bilinear'."""
-    align = {} if mode == "nearest" else {"align_corners": False}
-    return to_uint8(F.interpolate(low, scale_factor=factor, mode=mode, **align))
 
 
 def consistency_rmse(samples: np.ndarray | torch.Tensor, low: torch.Tensor, factor: int) -> float:
@@ -69,7 +48,7 @@ def evaluate_superres(samples: np.ndarray, labels: np.ndarray, truth: np.ndarray
                       device: str | torch.device = "cpu") -> dict:
     """Measures of the samples and of the upsampling baselines, as one flat dict.
 
-    samples, truth: uint8 (N, 28, 28, 1), sample i made from the low-res version of truth i;
+    samples, truth: uint8 (N, H, W, C), sample i made from the low-res version of truth i;
     labels: int64 (N,), truth's classes. Keys: consistency, consistency_shuffled, psnr, and for
     each baseline B in BASELINES: B_fd, B_accuracy, B_consistency, B_psnr.
     """
@@ -82,14 +61,3 @@ def evaluate_superres(samples: np.ndarray, labels: np.ndarray, truth: np.ndarray
         result |= {f"{mode}_fd": fd["fd"], f"{mode}_accuracy": fd["accuracy"],
                    f"{mode}_consistency": base["consistency"], f"{mode}_psnr": base["psnr"]}
     return result
-
-
-def first_of_each_class(labels: np.ndarray | torch.Tensor) -> np.ndarray:
-    """Indices of the first image of each class present, classes ascending."""
-    labels = np.asarray(labels)
-    return np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels[labels >= 0])], dtype=np.int64)
-
-
-def panel(samples: np.ndarray, truth: np.ndarray, factor: int) -> np.ndarray:
-    """Rows for a grid of k columns: low-res input (nearest-upsampled), sample, truth -> uint8 (3k, H, W, C)."""
-    return np.concatenate([upsample(low_res_of(truth, factor), factor, "nearest"), samples, truth])
