@@ -7,7 +7,8 @@ noise shaped like its argument (deterministic samplers take it and draw nothing)
 keywords of `sample()` that this sampler reads (its record's `settings`), named in its signature.
 The previous time of each step is the next entry of `times`, never recomputed from a stride.
 `SAMPLERS` maps each name to its `Sampler` record; `sample()` looks samplers up there, so a sampler
-is added by registering it.
+is added by registering it. The multistep solvers (DPM-Solver++, UniPC) live in `diffuse.multistep`,
+with the step primitives all samplers share.
 """
 
 from __future__ import annotations
@@ -23,27 +24,10 @@ from tqdm import tqdm
 
 from diffuse.denoiser import append_dims
 from diffuse.errors import UserError
+from diffuse.multistep import coefficients, denoise, dpmpp_2m, dpmpp_3m, step_pairs, unipc
 from diffuse.process import RectifiedFlow
 
 Noise = Callable[[torch.Tensor], torch.Tensor]
-
-
-def step_pairs(times: Sequence, show: bool):
-    """(t, t_next) of each step, with a progress bar when `show`."""
-    pairs = list(zip(times[:-1], times[1:]))
-    return tqdm(pairs, desc="sampling", leave=False, disable=not show)
-
-
-def coefficients(process, t) -> tuple[float, float]:
-    """(alpha_t, sigma_t) of one time as Python floats: step coefficients in float64."""
-    alpha, sigma = process.alpha_sigma(torch.tensor([t]))
-    return alpha.item(), sigma.item()
-
-
-def denoise(denoiser: nn.Module, x: torch.Tensor, t, cond, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, eps_hat) in float64 for the float64 loop state x (B, ...), the net fed in `dtype`."""
-    x0, eps = denoiser(x.to(dtype), torch.full((len(x),), t, device=x.device), cond)
-    return x0.double(), eps.double()
 
 
 class ImageNoise:
@@ -249,6 +233,9 @@ SAMPLERS: Mapping[str, Sampler] = MappingProxyType({
     "euler": Sampler(euler, one_per_step, processes=(RectifiedFlow,)),
     "heun": Sampler(heun, heun_evaluations, settings=("S_churn", "S_min", "S_max", "S_noise")),
     "renoise": Sampler(renoise, one_per_step),
+    "dpmpp_2m": Sampler(dpmpp_2m, one_per_step),
+    "dpmpp_3m": Sampler(dpmpp_3m, one_per_step),
+    "unipc": Sampler(unipc, one_per_step),
 })
 """name -> Sampler; iterating it gives the names (`choices=SAMPLERS`, `name in SAMPLERS`)."""
 
