@@ -104,7 +104,7 @@ def test_evaluations_are_counted_on_the_net(name, kind, settings, steps):
     expected = SAMPLERS[name].evaluations(process.sampling_times(steps), process)
     for cfg, per_image in [(1.0, expected), (2.5, 2 * expected)]:
         net, images = Net(), []
-        net.register_forward_hook(lambda module, args, out: images.append(len(args[0])))
+        net.register_forward_hook(lambda module, args, out, images=images: images.append(len(args[0])))
         draw(name, kind, settings, steps=steps, net=net, cfg=cfg)
         assert sum(images) == per_image * len(SEEDS), (cfg, images)
 

@@ -8,7 +8,8 @@ Symbols (Lu et al. 2022, arXiv 2211.01095, DPM-Solver++; Zhao et al. 2023, arXiv
                     t = 1), +inf at the clean state (sigma = 0)
   h_i               lambda_i - lambda_{i-1} > 0, the length of step i in lambda; r_i = h_{i-1} / h_i
   m_i               x0_hat(x_i, t_i), the data prediction (the one network evaluation of each step)
-  w_j               the weights on m_{i-1}, m_{i-2}, ... of one step: x_i = (sigma_i / sigma_{i-1}) x_{i-1} + alpha_i sum_j w_j m_j
+  w_j               the weights on m_{i-1}, m_{i-2}, ... of one step:
+                    x_i = (sigma_i / sigma_{i-1}) x_{i-1} + alpha_i sum_j w_j m_j
 
 All three solve the data-prediction form of the exact step (DPM-Solver++, sec. 3.1 in data prediction):
   x_i = (sigma_i / sigma_{i-1}) x_{i-1} + sigma_i int_{lambda_{i-1}}^{lambda_i} e^lambda x0(lambda) dlambda,
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -34,7 +36,7 @@ from tqdm import tqdm
 
 def step_pairs(times: Sequence, show: bool):
     """(t, t_next) of each step, with a progress bar when `show`."""
-    pairs = list(zip(times[:-1], times[1:]))
+    pairs = list(pairwise(times))
     return tqdm(pairs, desc="sampling", leave=False, disable=not show)
 
 
@@ -76,7 +78,8 @@ def dpmpp_weights(order: int, hs: Sequence[float]) -> list[float]:
 
     1: w = [c0], c0 = -expm1(-h) (DDIM).
     2 (Alg. 2, "midpoint" as diffusers names it): D = m_{i-1} + (m_{i-1} - m_{i-2}) / (2 r), r = h_{i-1} / h.
-    3 (the third-order multistep step of LuChengTHU/dpm-solver and diffusers): with r0 = h_{i-1} / h,
+    3 (the "third-order" multistep step of LuChengTHU/dpm-solver and diffusers; see `dpmpp_3m` for
+      its actual order): with r0 = h_{i-1} / h,
       r1 = h_{i-2} / h, D1_0 = (m_{i-1} - m_{i-2}) / r0, D1_1 = (m_{i-2} - m_{i-3}) / r1,
       D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1), D2 = (D1_0 - D1_1) / (r0 + r1):
       x_i = (sigma_i / sigma_{i-1}) x_{i-1} + alpha_i (c0 m_{i-1} + c1 D1 + c2 D2),
@@ -164,6 +167,12 @@ def dpmpp_3m(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *
              progress: bool = False) -> torch.Tensor:
     """DPM-Solver++(3M): the third-order multistep step (`dpmpp_weights`), after a first- and a
     second-order step to build the history; the last step into the clean state is first order.
+
+    The step is the one diffusers, k-diffusion and LuChengTHU/dpm-solver publish. Its D2 estimates
+    h^2 x0'' / 2 where the phi_3 term wants h^2 x0'', so a parabola in lambda gets half its weight and the
+    method is formally second order with a small constant: on the Gaussian mixture its slope is 2.65
+    (EDM) / 2.37 (VP) over 20-160 steps against 2M's 2.10 / 1.88, falling to 2.27 on EDM over 40-320.
+    It is kept as published, so that it is diffusers' solver_order = 3.
 
     lower_order_final is on, as in diffusers: with N < 15 the next-to-last step (into sigma_min) is second
     order. Measured on the Gaussian mixture (RMS error of 256 samples against a 4000-step Heun solve):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from types import MappingProxyType
 
 import torch
@@ -24,7 +25,14 @@ from tqdm import tqdm
 
 from diffuse.denoiser import append_dims
 from diffuse.errors import UserError
-from diffuse.multistep import coefficients, denoise, dpmpp_2m, dpmpp_3m, step_pairs, unipc
+from diffuse.multistep import (
+    coefficients,
+    denoise,
+    dpmpp_2m,
+    dpmpp_3m,
+    step_pairs,
+    unipc,
+)
 from diffuse.process import RectifiedFlow
 
 Noise = Callable[[torch.Tensor], torch.Tensor]
@@ -134,8 +142,8 @@ def heun(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *, S_
     and the correction adds (sigma' - alpha' sigma^) (eps_hat' - eps_hat) / 2. Neither divides by
     alpha, so a first time with alpha = 0 (zero terminal SNR; flow's t = 1; sigma~ infinite) works:
     that step is Euler only (the trapezoid over an infinite interval is undefined) and has no churn.
-    NFE = 2N - 1 (2N - 2 when the first time has alpha = 0 and N > 1; `heun_evaluations`). The loop runs in float64, as EDM's;
-    the net sees x in the dtype it was given. Returns x0 shaped and typed like x.
+    NFE = 2N - 1 (2N - 2 when the first time has alpha = 0 and N > 1; `heun_evaluations`). The loop
+    runs in float64, as EDM's; the net sees x in the dtype it was given. Returns x0 shaped and typed like x.
     """
     if S_churn > 0 and noise is None:
         raise ValueError("heun with S_churn > 0 needs a noise source")
@@ -206,7 +214,7 @@ def one_per_step(times: Sequence, process) -> int:
 def heun_evaluations(times: Sequence, process) -> int:
     """Heun's: one per step, and a second where the step ends above sigma = 0 and starts at alpha > 0."""
     return sum(1 + (coefficients(process, t_next)[1] > 0 and coefficients(process, t)[0] > 0)
-               for t, t_next in zip(times[:-1], times[1:]))
+               for t, t_next in pairwise(times))
 
 
 @dataclass(frozen=True)
@@ -261,7 +269,7 @@ def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seed
     if record.processes is not None and not isinstance(denoiser.process, record.processes):
         kinds = " or ".join(p.__name__ for p in record.processes)
         raise UserError(f"the {sampler} sampler needs a {kinds} process, not {type(denoiser.process).__name__}.")
-    given = dict(eta=eta, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    given = {"eta": eta, "S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise}
     settings = {key: given[key] for key in record.settings}
     device = next(denoiser.parameters()).device
     model = Guided(denoiser, cfg, rescale) if cfg != 1.0 else denoiser
