@@ -1,16 +1,23 @@
-"""Samplers: pure functions over the denoiser interface, each owning its loop.
+"""Samplers: pure functions over the denoiser interface, each owning its loop, and their registry.
 
-Every sampler has the signature `sampler(denoiser, x, times, cond, *, noise) -> x0`: `x` is the
+Every sampler has the signature `run(denoiser, x, times, cond, *, noise, **settings) -> x0`: `x` is the
 starting noise (B, ...), `times` the descending list from `process.sampling_times` (its last entry
 is the clean state), `cond` the condition or None, `noise` a callable that returns fresh Gaussian
-noise shaped like its argument. The previous time of each step is the next entry of `times`,
-never recomputed from a stride.
+noise shaped like its argument (deterministic samplers take it and draw nothing), `settings` the
+keywords of `sample()` that this sampler reads (its record's `settings`), named in its signature.
+The previous time of each step is the next entry of `times`, never recomputed from a stride.
+`SAMPLERS` maps each name to its `Sampler` record; `sample()` looks samplers up there, so a sampler
+is added by registering it. The multistep solvers (DPM-Solver++, UniPC) live in `diffuse.multistep`,
+with the step primitives all samplers share.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -18,8 +25,16 @@ from tqdm import tqdm
 
 from diffuse.denoiser import append_dims
 from diffuse.errors import UserError
+from diffuse.multistep import (
+    coefficients,
+    denoise,
+    dpmpp_2m,
+    dpmpp_3m,
+    step_pairs,
+    unipc,
+)
+from diffuse.process import RectifiedFlow
 
-SAMPLERS = ("ddim", "ddpm", "euler", "heun", "renoise")
 Noise = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -38,17 +53,6 @@ class ImageNoise:
         return z.to(device=like.device, dtype=like.dtype)
 
 
-def _steps(times: Sequence, show: bool):
-    pairs = list(zip(times[:-1], times[1:]))
-    return tqdm(pairs, desc="sampling", leave=False, disable=not show)
-
-
-def _coefficients(process, t) -> tuple[float, float]:
-    """(alpha_t, sigma_t) of one time as Python floats: step coefficients in float64."""
-    alpha, sigma = process.alpha_sigma(torch.tensor([t]))
-    return alpha.item(), sigma.item()
-
-
 @torch.no_grad()
 def ddim(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *, eta: float = 0.0,
          noise: Noise | None = None, progress: bool = False) -> torch.Tensor:
@@ -60,10 +64,10 @@ def ddim(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *, et
     if eta > 0 and noise is None:
         raise ValueError("ddim with eta > 0 needs a noise source")
     process = denoiser.process
-    for t, t_prev in _steps(times, progress):
+    for t, t_prev in step_pairs(times, progress):
         x0, eps = denoiser(x, torch.full((len(x),), t, device=x.device), cond)
-        alpha, sigma = _coefficients(process, t)
-        alpha_prev, sigma_prev = _coefficients(process, t_prev)
+        alpha, sigma = coefficients(process, t)
+        alpha_prev, sigma_prev = coefficients(process, t_prev)
         c = eta * sigma_prev / sigma * math.sqrt(max(1 - (alpha / alpha_prev) ** 2, 0.0))
         x = alpha_prev * x0 + math.sqrt(max(sigma_prev**2 - c**2, 0.0)) * eps
         if eta > 0 and sigma_prev > 0:
@@ -85,7 +89,7 @@ def ddpm(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *,
 def euler(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *,
           noise: Noise | None = None, progress: bool = False) -> torch.Tensor:
     """Euler steps of the rectified-flow ODE dx/dt = eps - x0 (valid when alpha = 1 - t, sigma = t)."""
-    for t, t_prev in _steps(times, progress):
+    for t, t_prev in step_pairs(times, progress):
         x0, eps = denoiser(x, torch.full((len(x),), t, device=x.device), cond)
         x = x + (t_prev - t) * (eps - x0)
     return x
@@ -98,17 +102,11 @@ def renoise(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *,
     and noises it afresh to the next time, x_prev = alpha_prev * x0_hat + sigma_prev * z; the last
     step returns x0_hat. One step is x0_hat of the first time, exactly DDIM's single step."""
     process = denoiser.process
-    for t, t_prev in _steps(times, progress):
+    for t, t_prev in step_pairs(times, progress):
         x0, _ = denoiser(x, torch.full((len(x),), t, device=x.device), cond)
-        alpha_prev, sigma_prev = _coefficients(process, t_prev)
+        alpha_prev, sigma_prev = coefficients(process, t_prev)
         x = alpha_prev * x0 + sigma_prev * noise(x) if sigma_prev > 0 else x0
     return x
-
-
-def _denoise(denoiser: nn.Module, x: torch.Tensor, t, cond, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0_hat, eps_hat) in float64 for the float64 loop state x (B, ...), the net fed in `dtype`."""
-    x0, eps = denoiser(x.to(dtype), torch.full((len(x),), t, device=x.device), cond)
-    return x0.double(), eps.double()
 
 
 def _churn(process, x: torch.Tensor, t, gamma: float, S_noise: float, noise: Noise):
@@ -118,9 +116,9 @@ def _churn(process, x: torch.Tensor, t, gamma: float, S_noise: float, noise: Noi
     sigma^ is rounded to a time of the process (`time_of`; like EDM's `round_sigma`, the nearest
     step for a discrete process). Returns (x^, t^).
     """
-    alpha, sigma = _coefficients(process, t)
+    alpha, sigma = coefficients(process, t)
     t_hat = process.time_of(sigma / alpha * (1 + gamma))
-    alpha_hat, sigma_hat = _coefficients(process, t_hat)
+    alpha_hat, sigma_hat = coefficients(process, t_hat)
     s, s_hat = sigma / alpha, sigma_hat / alpha_hat
     # x~^ = x~ + sqrt(sigma^^2 - sigma~^2) S_noise z, carried back to x by alpha^
     x_hat = alpha_hat * (x / alpha + math.sqrt(max(s_hat**2 - s**2, 0.0)) * S_noise * noise(x))
@@ -144,25 +142,25 @@ def heun(denoiser: nn.Module, x: torch.Tensor, times: Sequence, cond=None, *, S_
     and the correction adds (sigma' - alpha' sigma^) (eps_hat' - eps_hat) / 2. Neither divides by
     alpha, so a first time with alpha = 0 (zero terminal SNR; flow's t = 1; sigma~ infinite) works:
     that step is Euler only (the trapezoid over an infinite interval is undefined) and has no churn.
-    NFE = 2N - 1 (2N - 2 when the first time has alpha = 0). The loop runs in float64, as EDM's;
-    the net sees x in the dtype it was given. Returns x0 shaped and typed like x.
+    NFE = 2N - 1 (2N - 2 when the first time has alpha = 0 and N > 1; `heun_evaluations`). The loop
+    runs in float64, as EDM's; the net sees x in the dtype it was given. Returns x0 shaped and typed like x.
     """
     if S_churn > 0 and noise is None:
         raise ValueError("heun with S_churn > 0 needs a noise source")
     process, dtype, N = denoiser.process, x.dtype, len(times) - 1
     x = x.double()
-    for t, t_next in _steps(times, progress):
-        alpha, sigma = _coefficients(process, t)
-        alpha_next, sigma_next = _coefficients(process, t_next)
+    for t, t_next in step_pairs(times, progress):
+        alpha, sigma = coefficients(process, t)
+        alpha_next, sigma_next = coefficients(process, t_next)
         churn = alpha > 0 and S_churn > 0 and S_min <= sigma / alpha <= S_max
         gamma = min(S_churn / N, math.sqrt(2) - 1) if churn else 0.0
         x_hat, t_hat = _churn(process, x, t, gamma, S_noise, noise) if gamma > 0 else (x, t)
-        alpha_hat, sigma_hat = _coefficients(process, t_hat)
-        x0, eps = _denoise(denoiser, x_hat, t_hat, cond, dtype)
+        alpha_hat, sigma_hat = coefficients(process, t_hat)
+        x0, eps = denoise(denoiser, x_hat, t_hat, cond, dtype)
         # Euler: x' = alpha' (x~^ + (sigma~' - sigma^) eps_hat) = alpha' x0_hat + sigma' eps_hat
         x = alpha_next * x0 + sigma_next * eps
         if sigma_next > 0 and alpha_hat > 0:
-            _, eps_next = _denoise(denoiser, x, t_next, cond, dtype)
+            _, eps_next = denoise(denoiser, x, t_next, cond, dtype)
             # Heun: x' += alpha' (sigma~' - sigma^) (eps_hat' - eps_hat) / 2
             x = x + (sigma_next - alpha_next * sigma_hat / alpha_hat) / 2 * (eps_next - eps)
     return x.to(dtype)
@@ -208,6 +206,48 @@ class Guided(nn.Module):
         return x0, eps
 
 
+def one_per_step(times: Sequence, process) -> int:
+    """N = len(times) - 1: one network evaluation per step."""
+    return len(times) - 1
+
+
+def heun_evaluations(times: Sequence, process) -> int:
+    """Heun's: one per step, and a second where the step ends above sigma = 0 and starts at alpha > 0."""
+    return sum(1 + (coefficients(process, t_next)[1] > 0 and coefficients(process, t)[0] > 0)
+               for t, t_next in pairwise(times))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A registered sampler.
+
+    run(denoiser, x, times, cond, *, noise, **settings) -> x0, the sampler itself (module docstring);
+    evaluations(times, process) -> the network evaluations per image for that time list, as the
+    sampler's docstring counts them, unguided: `Guided` runs the net on a doubled batch, so with
+    cfg != 1 each image costs twice that; settings: which of `sample()`'s keywords run takes
+    (the others it does not read, and they are not passed); processes: the process classes it
+    suits, None for all.
+    """
+
+    run: Callable[..., torch.Tensor]
+    evaluations: Callable[[Sequence, object], int]
+    settings: tuple[str, ...] = ()
+    processes: tuple[type, ...] | None = None
+
+
+SAMPLERS: Mapping[str, Sampler] = MappingProxyType({
+    "ddim": Sampler(ddim, one_per_step, settings=("eta",)),
+    "ddpm": Sampler(ddpm, one_per_step),
+    "euler": Sampler(euler, one_per_step, processes=(RectifiedFlow,)),
+    "heun": Sampler(heun, heun_evaluations, settings=("S_churn", "S_min", "S_max", "S_noise")),
+    "renoise": Sampler(renoise, one_per_step),
+    "dpmpp_2m": Sampler(dpmpp_2m, one_per_step),
+    "dpmpp_3m": Sampler(dpmpp_3m, one_per_step),
+    "unipc": Sampler(unipc, one_per_step),
+})
+"""name -> Sampler; iterating it gives the names (`choices=SAMPLERS`, `name in SAMPLERS`)."""
+
+
 def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seeds: Sequence[int], *,
            sampler: str = "ddim", steps: int = 25, spacing: str = "trailing", eta: float = 0.0,
            cfg: float = 1.0, rescale: float = 0.0, S_churn: float = 0.0, S_min: float = 0.0,
@@ -219,30 +259,27 @@ def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seed
     unconditional, vectors (N, D), or images (N, C, h, w); NaN marks a missing float condition.
     Guidance applies where cfg != 1. The start is x_T = alpha_T * 0 + sigma_T * eps at the first
     sampling time (the data term dropped, as EDM does): sigma_max * eps for EDM, eps wherever
-    sigma_T = 1 (flow, zero-terminal-SNR VP). S_*: heun's churn (EDM Algorithm 2).
+    sigma_T = 1 (flow, zero-terminal-SNR VP). eta: ddim's; S_*: heun's churn (EDM Algorithm 2); a
+    sampler is given only the settings its record names. Each image costs
+    `SAMPLERS[sampler].evaluations(times, process)` network evaluations, twice that with cfg != 1.
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
+    record = SAMPLERS[sampler]
+    if record.processes is not None and not isinstance(denoiser.process, record.processes):
+        kinds = " or ".join(p.__name__ for p in record.processes)
+        raise UserError(f"the {sampler} sampler needs a {kinds} process, not {type(denoiser.process).__name__}.")
+    given = {"eta": eta, "S_churn": S_churn, "S_min": S_min, "S_max": S_max, "S_noise": S_noise}
+    settings = {key: given[key] for key in record.settings}
     device = next(denoiser.parameters()).device
     model = Guided(denoiser, cfg, rescale) if cfg != 1.0 else denoiser
     times = denoiser.process.sampling_times(steps, spacing)
-    _, sigma_T = _coefficients(denoiser.process, times[0])
+    _, sigma_T = coefficients(denoiser.process, times[0])
     out = []
     for start in tqdm(range(0, len(seeds), batch), desc="sampling", disable=not progress):
         noise = ImageNoise(seeds[start:start + batch])
         y = cond[start:start + batch].to(device)
         # x_T = alpha_T * 0 + sigma_T * eps
         x = sigma_T * noise(torch.empty((len(y), *shape), device=device))
-        if sampler == "ddim":
-            x = ddim(model, x, times, y, eta=eta, noise=noise)
-        elif sampler == "ddpm":
-            x = ddpm(model, x, times, y, noise=noise)
-        elif sampler == "heun":
-            x = heun(model, x, times, y, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise,
-                     noise=noise)
-        elif sampler == "renoise":
-            x = renoise(model, x, times, y, noise=noise)
-        else:
-            x = euler(model, x, times, y)
-        out.append(x.cpu())
+        out.append(record.run(model, x, times, y, noise=noise, **settings).cpu())
     return torch.cat(out)
