@@ -253,3 +253,32 @@ def test_fid_needs_two_images():
     one = FeatureStats.of(np.ones((1, 2048)))
     with pytest.raises(UserError, match="at least 2"):
         fid(one, (np.zeros(2048), np.eye(2048)))
+
+
+def test_diffuse_eval_writes_a_reference_and_measures_fid_against_it(tmp_path, capsys):
+    """The command line: --write-ref writes EDM's .npz of a samples file's statistics; --ref measures
+    FID against it (0 for the same images, up to sqrtm's rounding); one sentence without either."""
+    import json
+
+    from diffuse.cli import main
+    from diffuse.images import save_npz
+
+    images, labels = load_fmnist("test")
+    save_npz(tmp_path / "a.npz", images[:8].numpy(), labels[:8].numpy())
+    save_npz(tmp_path / "b.npz", images[8:16].numpy(), labels[8:16].numpy())
+    ref = tmp_path / "ref.npz"
+    assert main(["eval", str(tmp_path / "a.npz"), "--features", "inception", "--write-ref", str(ref)]) == 0
+    assert "wrote the Inception statistics of 8 images" in capsys.readouterr().out
+    mu, sigma = read_reference(ref)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    assert main(["eval", str(tmp_path / "a.npz"), "--features", "inception", "--ref", str(ref), "--json"]) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["n"] == 8 and abs(same["fid"]) < 1e-3
+    assert main(["eval", str(tmp_path / "b.npz"), "--features", "inception", "--ref", str(ref), "--json"]) == 0
+    other = json.loads(capsys.readouterr().out)
+    assert other["fid"] > 1.0
+    assert main(["eval", str(tmp_path / "a.npz"), "--features", "inception"]) == 2
+    err = capsys.readouterr().err
+    assert "needs --ref STATS.npz" in err and err.count("\n") == 1
+    assert main(["eval", str(tmp_path / "a.npz"), "--ref", str(ref)]) == 2
+    assert "are for --features inception" in capsys.readouterr().err

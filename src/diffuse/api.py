@@ -43,6 +43,7 @@ from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
 from diffuse.images import load_npz, save_npz
 from diffuse.metrics.features import evaluate_features, fd_name
+from diffuse.metrics.inception import fid, inception_stats, read_reference, write_reference
 from diffuse.metrics.superres import evaluate_superres
 from diffuse.report import ema_sweep_plot, write_report
 from diffuse.sampling import sample as draw
@@ -307,6 +308,55 @@ def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = No
     if ds.condition == "image":  # a super-resolution run: its measures and the upsampling baselines'
         result |= evaluate_superres(images, labels, ds.eval_truth(len(images)).numpy(), ds.factor)
     return result | drawn.settings
+
+
+def images_of(source: str | Path, n: int | None = None, *, ema: float | None = None,
+              device: str | torch.device | None = "auto", progress: bool | None = None,
+              **settings) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(images, labels, sampler settings) of a samples .npz, or of n samples drawn from a run (default:
+    its sample.n_eval) with the run's sampler settings and any given on top; empty on ranks other than 0."""
+    source = Path(source)
+    if not source.is_dir():
+        images, labels = load_npz(source)
+        return images, labels, {}
+    if n is not None and (not isinstance(n, int) or n < 2):
+        raise UserError(f"--n {n} must be at least 2 to fit a covariance.")
+    model = load(source, ema, device=device)
+    if not model.dataset.is_image:
+        raise UserError(f"{source} is a {model.dataset.name} run of points, not images; FID measures images.")
+    show = sys.stderr.isatty() if progress is None else progress
+    drawn = model.sample(n or model.config.sample.n_eval, progress=show, **settings)
+    return drawn.images, drawn.labels, drawn.settings
+
+
+def fid_of(source: str | Path, ref: str | Path, n: int | None = None, *, device: str | torch.device | None = "auto",
+           **options) -> dict:
+    """FID (Inception-v3, the TF 2015-12-05 weights) of a samples .npz or of n samples of a run, against the
+    reference statistics in `ref` (EDM's .npz with mu and sigma, e.g. from `write_fid_reference`)."""
+    reference = read_reference(ref)  # a bad file is found before the slow part
+    images, _, settings = images_of(source, n, device=device, **options)
+    if not distributed.is_main():
+        return {}
+    stats = inception_stats(images, pick_device(device))
+    return {"source": str(source), "features": "inception", "fid": fid(stats, reference), "n": stats.n,
+            "ref": str(ref)} | settings
+
+
+def write_fid_reference(source: str | Path, out: str | Path, n: int | None = None, *,
+                        device: str | torch.device | None = "auto", **options) -> dict:
+    """Write the Inception statistics of a samples .npz (real images saved as one, say) or of n samples of a
+    run to `out`, as EDM's reference .npz; returns {"n", "ref"}."""
+    out = Path(out)
+    if out.exists() and not out.is_file():
+        raise UserError(f"--write-ref {out} is a folder; give the path of an .npz file to write.")
+    images, _, _ = images_of(source, n, device=device, **options)
+    if not distributed.is_main():
+        return {}
+    stats = inception_stats(images, pick_device(device))
+    if stats.n < 2:
+        raise UserError(f"reference statistics need at least 2 images; {source} has {stats.n}.")
+    write_reference(out, stats)
+    return {"source": str(source), "n": stats.n, "ref": str(out)}
 
 
 def fd(images: np.ndarray | torch.Tensor, labels=None, features: str = "fmnist",

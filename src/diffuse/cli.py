@@ -86,7 +86,12 @@ def add_sampling_commands(sub) -> None:
     p.add_argument("--n", "--num-samples", dest="n", type=int,
                    help="samples drawn from a run (default: its sample.n_eval); --num-samples under torchrun")
     add_sampler_flags(p)
-    p.add_argument("--features", choices=("fmnist",), default="fmnist")
+    p.add_argument("--features", choices=("fmnist", "inception"), default="fmnist",
+                   help="fmnist: FD-FMNIST and class accuracy; inception: FID against --ref (extra install: "
+                        "bash scripts/setup.sh fid)")
+    p.add_argument("--ref", metavar="STATS.npz", help="inception: the reference statistics (EDM's .npz: mu, sigma)")
+    p.add_argument("--write-ref", metavar="STATS.npz",
+                   help="inception: write the source's statistics as a reference .npz instead of measuring")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_device_flag(p)
     p.set_defaults(run=cmd_eval)
@@ -205,6 +210,10 @@ def cmd_sample(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    if args.features == "inception":
+        return cmd_fid(args)
+    if args.ref or args.write_ref:
+        raise UserError("--ref and --write-ref are for --features inception; FD-FMNIST has its own reference.")
     result = api.evaluate(args.source, args.n, ema=args.ema, features=args.features, device=args.device,
                           progress=progress(), **sampler_flags(args))
     if not result:  # a rank other than 0
@@ -222,6 +231,24 @@ def cmd_eval(args) -> None:
         for mode in ("nearest", "bilinear"):
             print(f"  {mode} upsampling: {name} {result[f'{mode}_fd']:.3f}, consistency RMSE "
                   f"{result[f'{mode}_consistency']:.4f}, PSNR {result[f'{mode}_psnr']:.2f} dB")
+
+
+def cmd_fid(args) -> None:
+    """FID against --ref, or (--write-ref) the source's Inception statistics written as a reference."""
+    if (args.ref is None) == (args.write_ref is None):
+        raise UserError("--features inception needs --ref STATS.npz to measure against, or --write-ref STATS.npz "
+                        "to write the source's statistics; give one of them.")
+    options = dict(ema=args.ema, device=args.device, progress=progress(), **sampler_flags(args))
+    if args.write_ref:
+        result = api.write_fid_reference(args.source, args.write_ref, args.n, **options)
+        if result:
+            print(json.dumps(result) if args.json else f"wrote the Inception statistics of {result['n']} images "
+                                                         f"to {result['ref']}")
+        return
+    result = api.fid_of(args.source, args.ref, args.n, **options)
+    if result:
+        print(json.dumps(result) if args.json else f"FID {result['fid']:.3f} over {result['n']} samples "
+                                                     f"against {result['ref']}")
 
 
 def cmd_ema(args) -> None:
