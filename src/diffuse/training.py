@@ -31,7 +31,8 @@ from diffuse.ema import PowerEMA, ema_beta, update_ema
 from diffuse.losses import draw_noise, loss_at
 from diffuse.metrics.probe import Probe, fit_baseline
 from diffuse.nets import build_denoiser
-from diffuse.run import claimed, drive, load_data, overhead_line, restore, resume_config, silent, write_config
+from diffuse.run import claimed, drive, load_data, restore, resume_config, silent, write_config
+from diffuse.watching import overhead_line
 from diffuse.sampling import null_condition
 from diffuse.seeding import derive_seed
 from diffuse.speed import autocast, prepare, to_memory_format

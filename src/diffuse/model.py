@@ -1,0 +1,206 @@
+"""A trained model: `load(run)` gives a `Model`, whose `sample` draws exactly the images `diffuse sample`
+writes for the same arguments and whose `denoiser` drives a sampler of your own.
+
+    model = diffuse.load("runs/fmnist")                    # a run directory or one of its checkpoints
+    images, labels = model.sample(20, labels=[3, 7], steps=10, seed=0)   # uint8 (20, 28, 28, 1), int64 (20,)
+    x0_hat = model.denoiser(x_t, t, cond)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffuse import distributed
+from diffuse.checkpoint import load_denoiser, resolve_checkpoint, verify
+from diffuse.config import Config, validate
+from diffuse.data import Dataset, Scaling, dataset
+from diffuse.denoiser import Denoiser
+from diffuse.errors import UserError
+from diffuse.images import save_npz
+from diffuse.sampling import sample as draw
+from diffuse.seeding import image_seeds
+
+SETTINGS = ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "S_churn")  # what a sampling call may override
+
+
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """The device to run on, "auto" (or None) being CUDA where there is one; under a launcher each rank its own GPU."""
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name} is not a device; use cpu, cuda or cuda:N.") from None
+    return distributed.rank_device(device)
+
+
+
+@dataclass
+class Samples:
+    """What `Model.sample` returns: images uint8 (N, H, W, C) (float points (N, D) for 2-D data) and
+    the class each was asked to be, int64 (N,), -1 where none was (for an image condition: the class
+    of the image the condition came from). Unpacks as (images, labels)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    settings: dict
+
+    def __iter__(self):
+        return iter((self.images, self.labels))
+
+    def save(self, path: str | Path, dataset: Dataset, grid: str | Path | None = None) -> None:
+        """The samples file (.npz: `images` and `labels`; `points` for 2-D data) and, with `grid`, its
+        picture (`Dataset.picture`)."""
+        if dataset.is_image:
+            save_npz(Path(path), self.images, self.labels)
+        else:
+            np.savez(path, points=self.images, labels=self.labels)
+        if grid:
+            truth = dataset.eval_truth(len(self.images))
+            dataset.picture(Path(grid), self.images, self.labels, None if truth is None else truth.numpy())
+
+
+class Model:
+    """A trained run's denoiser (EMA weights by default), its config and data set; from `load`."""
+
+    def __init__(self, config: Config, denoiser: Denoiser, checkpoint: Path):
+        self.config, self.net, self.checkpoint = config, denoiser, checkpoint
+        self.dataset: Dataset = dataset(config.data)
+        self.scaling = Scaling(config.data.mean, config.data.std) if self.dataset.is_image else None
+        self.process = denoiser.process
+
+    def denoiser(self, x_t: torch.Tensor, t, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """x0_hat (B, *shape) of x_t (B, *shape) in model space at the process's time t (a number or (B,)):
+        VP steps 0..999, flow t in [0, 1], EDM sigma. cond: labels int64 (B,) (-1 = none), an image
+        condition (B, *cond_shape) in model space, or None."""
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(len(x_t)) if t.ndim == 0 else t
+        with torch.no_grad():
+            return self.net(x_t, t, cond)[0]
+
+    def sample(self, n: int, labels=None, cond=None, *, seed: int = 0, progress: bool = False,
+               **settings) -> Samples:
+        """n samples, image i drawn from the noise of seed (seed, i): the same images for the same
+        arguments on any batch size, device count or call order.
+
+        labels: for a class-conditional model, None (the classes in turn), "none" (unconditional,
+        through the null label), or a list of classes repeated to n. cond: for an image-conditioned
+        model, uint8 images (n, h, w, C) or model-space (n, *cond_shape); None takes the low-res
+        versions of the first n test images. settings: sampler, steps, spacing, eta, cfg, rescale,
+        S_churn, as `diffuse sample`'s flags (unset ones keep the run's [sample] config).
+        """
+        if not isinstance(n, int) or n < 1:
+            raise UserError(f"--n {n} must be at least 1.")
+        resolved = sampler_settings(self.config, settings)
+        cond, labels = self.conditions(n, labels, cond)
+        mine = distributed.block(n)  # under a launcher each rank samples its block of the images
+        x = draw(self.net, self.dataset.shape, cond[mine], image_seeds(seed, n)[mine], progress=progress,
+                 **resolved)
+        x = distributed.gather(x, n)
+        images = self.scaling.decode(x).numpy() if self.scaling else x.numpy()
+        return Samples(images, labels.numpy(), resolved)
+
+    def conditions(self, n: int, labels, cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditions (n, ...), labels (n,)) for n samples, checked against what the model takes."""
+        ds = self.dataset
+        if ds.condition == "image":
+            if labels is not None:
+                raise UserError(f"--labels {_text(labels)} does not apply to a model conditioned on images; "
+                                "leave --labels out.")
+            if cond is None:
+                return ds.eval_conditions(self.scaling, n)
+            return self.image_condition(cond, n), torch.full((n,), -1, dtype=torch.long)
+        if cond is not None:
+            raise UserError("cond= is for a model conditioned on images; give a class-conditional model labels=.")
+        chosen = parse_labels(labels, n, ds.num_classes)
+        return chosen, chosen
+
+    def image_condition(self, cond, n: int) -> torch.Tensor:
+        """uint8 images (n, h, w, C) or a model-space tensor (n, *cond_shape) -> model space (n, *cond_shape)."""
+        want = self.dataset.cond_shape
+        if isinstance(cond, np.ndarray) or (torch.is_tensor(cond) and cond.dtype == torch.uint8):
+            cond = self.scaling.encode(torch.as_tensor(np.asarray(cond)))
+        cond = torch.as_tensor(cond, dtype=torch.float32)
+        if tuple(cond.shape) != (n, *want):
+            raise UserError(f"cond has shape {tuple(cond.shape)}; this model takes {n} image conditions of "
+                            f"shape {want} (channels first) or ({want[1]}, {want[2]}, {want[0]}) uint8.")
+        return cond
+
+
+def _text(labels) -> str:
+    return labels if isinstance(labels, str) else ",".join(map(str, np.asarray(labels).ravel().tolist()))
+
+
+def parse_labels(labels, n: int, num_classes: int) -> torch.Tensor:
+    """None or 'all' -> 0, 1, ..., C-1, 0, ...; 'none' or -1 -> -1 (unconditional); [3, 5] or '3,5' -> 3, 5, 3, ..."""
+    if labels is None or (isinstance(labels, str) and labels == "all"):
+        return torch.arange(n) % num_classes
+    if isinstance(labels, str) and labels == "none":
+        return torch.full((n,), -1, dtype=torch.long)
+    if isinstance(labels, str):
+        try:
+            labels = [int(v) for v in labels.split(",")]
+        except ValueError:
+            raise UserError(f"--labels {labels!r} is not 'all', 'none' or a comma-separated list of classes.") from None
+    chosen = torch.as_tensor(np.asarray(labels)).reshape(-1)
+    if chosen.dtype.is_floating_point or chosen.dtype == torch.bool or len(chosen) == 0:
+        raise UserError(f"labels {_text(labels)} must be class numbers, integers 0 to {num_classes - 1}.")
+    if not num_classes:
+        raise UserError("this model takes no class labels; leave labels out.")
+    if any(not (0 <= v < num_classes or v == -1) for v in chosen.tolist()):
+        raise UserError(f"--labels {_text(labels)!r} names a class outside 0..{num_classes - 1}.")
+    return chosen.long().repeat(n // len(chosen) + 1)[:n]
+
+
+def sampler_settings(config: Config, overrides: Mapping) -> dict:
+    """The run's sampler settings with the given ones on top, validated against the run's config
+    (e.g. the euler sampler needs a rectified-flow run)."""
+    unknown = set(overrides) - set(SETTINGS)
+    if unknown:
+        raise UserError(f"unknown sampler setting {sorted(unknown)[0]!r}; choose from {', '.join(SETTINGS)}.")
+    settings = config.sample.sampler_args() | {k: v for k, v in overrides.items() if v is not None}
+    if not isinstance(settings["steps"], int) or settings["steps"] < 1:
+        raise UserError(f"--steps {settings['steps']} must be at least 1.")
+    if not 0 <= settings["rescale"] <= 1 or not 0 <= settings["eta"] <= 1:
+        raise UserError("--rescale and --eta must lie in [0, 1].")
+    if not 0 <= settings["cfg"] < math.inf:
+        raise UserError(f"--cfg {settings['cfg']} must be a finite guidance scale of 0 or more (1 = none).")
+    if not 0 <= settings["S_churn"] < math.inf:
+        raise UserError(f"--churn {settings['S_churn']} must be a finite churn of 0 or more (0 = none).")
+    flagged = copy.deepcopy(config)
+    for key, value in settings.items():
+        setattr(flagged.sample, key, value)
+    validate(flagged)
+    return settings
+
+
+def load(source: str | Path, ema: float | None = None, *, weights: str = "ema",
+         device: str | torch.device | None = "cpu") -> Model:
+    """The model of a run directory (its newest whole checkpoint) or of one checkpoint folder.
+
+    ema: a sigma_rel to reconstruct the power-function EMA of, post hoc (runs with train.ema = "power");
+    weights: "ema" (default) or "model", the raw training weights.
+    """
+    if weights not in ("ema", "model"):
+        raise UserError(f"weights {weights!r} must be 'ema' or 'model'.")
+    checkpoint = resolve_checkpoint(Path(source))
+    config, denoiser = load_denoiser(checkpoint, weights, pick_device(device), sigma_rel=ema)
+    return Model(config, denoiser, checkpoint)
+
+
+def checkpoint_at(run_dir: Path, kimg: float | None) -> Path:
+    """The run's checkpoint at `kimg` thousand images, or its newest whole one."""
+    if kimg is None:
+        return resolve_checkpoint(run_dir)
+    for path in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
+        if verify(path) is None and json.loads((path / "state.json").read_text())["nimg"] == round(kimg * 1000):
+            return path
+    raise UserError(f"{run_dir} has no whole checkpoint at {kimg:g} kimg; leave out --at for the newest.")
