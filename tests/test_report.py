@@ -186,3 +186,18 @@ def test_chromium_self_check_names_a_missing_grid(run_dir, tmp_path):
     (run_dir / "samples" / "grid-000010kimg.png").unlink()
     body, line = self_check(run_dir, tmp_path)
     assert body["check"] == "missing" and line == "missing: samples/grid-000010kimg.png"
+
+
+def test_the_sampler_table_becomes_a_curve_per_sampler(tmp_path):
+    """benchmarks/sampler_nfe.py's rows: one polyline per sampler with one vertex per row, bad rows left out."""
+    (tmp_path / "config.toml").write_text("")
+    rows = [{"sampler": "ddim", "nfe": n, "fd": 100 / n} for n in (10, 20, 50)]
+    rows += [{"sampler": "unipc", "nfe": n, "fd": 50 / n} for n in (10, 20)] + [{"sampler": "heun", "fd": "x"}]
+    (tmp_path / "sampler_nfe.json").write_text(json.dumps({"n": 500, "cfg": 2.0, "rows": rows}))
+    page = (write_report(tmp_path)).read_text()
+    section = page.split("<h2>Samplers</h2>", 1)[1].split("<h2>", 1)[0]
+    assert "500 samples per point" in section and "guidance 2" in section
+    lines = re.findall(r'<polyline[^>]*points="([^"]*)"', section)
+    assert sorted(len(p.split()) for p in lines) == [2, 3]
+    (tmp_path / "sampler_nfe.json").write_text("{not json")
+    assert "sampler_nfe.json is" in write_report(tmp_path).read_text()

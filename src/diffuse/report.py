@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 WIDTH, HEIGHT = 520, 290                   # one plot, in SVG user units (= CSS pixels)
 LEFT, RIGHT, TOP, BOTTOM = 64, 14, 42, 44  # margins around the plot area: title and legend rows, ticks
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
+COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
 GRID_NAME = re.compile(r"grid-(\d+)kimg\.png")  # not the writer's "grid-...png.tmp.png"
 
 
@@ -32,7 +32,7 @@ def write_report(run_dir: Path) -> Path:
             status_section(events, config_text, read_json(run_dir / "eval.json")[0]),
             '<p id="self-check">self-check did not run (JavaScript is off)</p>',
             plots_section(events), grids_section(run_dir), doctor_section(run_dir),
-            eval_section(run_dir), ema_sweep_section(run_dir), config_section(config_text)]
+            eval_section(run_dir), ema_sweep_section(run_dir), sampler_section(run_dir), config_section(config_text)]
     page = PAGE.format(title=name, style=STYLE, body="\n".join(body), script=SELF_CHECK)
     path, tmp = run_dir / "report.html", run_dir / "report.html.tmp"
     tmp.write_text(page, encoding="utf-8")
@@ -206,6 +206,26 @@ def ema_sweep_section(run_dir: Path) -> str:
             f"tracked {fmt(tracked, 'g')}; {fmt(sweep.get('n'), 'g')} samples each. "
             f"<code>diffuse ema RUN --sigma-rel S --out CKPT</code> writes any of them.</p>")
     return f"<h2>Post-hoc EMA</h2>\n{line}\n{ema_sweep_plot(rows)}"
+
+
+def sampler_nfe_plot(rows: list[dict]) -> str:
+    """FD against network evaluations per image, a curve per sampler (benchmarks/sampler_nfe.py's rows)."""
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if isinstance(r.get("sampler"), str) and None not in (number(r.get("nfe")), number(r.get("fd"))):
+            curves.setdefault(r["sampler"], []).append((r["nfe"], r["fd"]))
+    return svg_plot(curves, "FD-FMNIST against network evaluations per image", "FD", log_y=True, x_label="NFE")
+
+
+def sampler_section(run_dir: Path) -> str:
+    """The samplers compared at equal network evaluations, when benchmarks/sampler_nfe.py has run."""
+    table, why = read_json(run_dir / "sampler_nfe.json")
+    if table is None:
+        return "" if why == "missing" else f"<h2>Samplers</h2>\n<p>sampler_nfe.json is {escape(why)}.</p>"
+    rows = [r for r in table.get("rows", []) if isinstance(r, dict)]
+    line = (f"<p>{fmt(table.get('n'), 'g')} samples per point, the same seeds throughout, guidance "
+            f"{fmt(table.get('cfg'), 'g')} (a guided evaluation counts both passes).</p>")
+    return f"<h2>Samplers</h2>\n{line}\n{sampler_nfe_plot(rows)}"
 
 
 def eval_section(run_dir: Path) -> str:
