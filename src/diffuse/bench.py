@@ -35,7 +35,7 @@ from diffuse.data import dataset
 from diffuse.nets import build_denoiser
 from diffuse.sampling import sample
 from diffuse.seeding import derive_seed
-from diffuse.speed import prepare
+from diffuse.speed import native_bf16, prepare
 from diffuse.training import train_step, training_loss
 
 WARMUP_STEPS = 2     # untimed: the first steps allocate memory, pick kernels and, with train.compile, compile
@@ -92,16 +92,17 @@ def matmul_peak_gflops(dtype: torch.dtype, device: torch.device, n: int) -> floa
 class PeakMeter:
     """The matrix-product peak of each dtype, read as often as asked during a run; `best` is the peak."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, bf16: bool = True):
         self.device, self.n = device, matmul_size(device)
-        self.readings: dict[str, list[float]] = {name: [] for name in PEAK_DTYPES}
+        # bf16 only where the device computes it natively: an emulated reading takes minutes and means nothing
+        self.readings: dict[str, list[float]] = {name: [] for name in PEAK_DTYPES if bf16 or name != "bf16"}
 
     def read(self) -> None:
-        for name, dtype in PEAK_DTYPES.items():
-            self.readings[name].append(matmul_peak_gflops(dtype, self.device, self.n))
+        for name in self.readings:
+            self.readings[name].append(matmul_peak_gflops(PEAK_DTYPES[name], self.device, self.n))
 
-    def best(self, name: str) -> float:
-        return max(self.readings[name])
+    def best(self, name: str) -> float | None:
+        return max(self.readings[name]) if self.readings.get(name) else None
 
 
 def timed_in_turn(steps: dict[str, Callable[[int], None]], rounds: int, device: torch.device,
@@ -201,7 +202,8 @@ def step_rates(batch: int, seconds: list[float], flops: int, peak_gflops: float)
     achieved = flops / per_step / 1e9
     return {"batch": batch, "steps": len(seconds), "warmup_steps": WARMUP_STEPS, "seconds_per_step": per_step,
             "seconds_each": seconds, "img_per_s": batch / per_step, "flops_per_step": flops,
-            "achieved_gflops": achieved, "peak_gflops": peak_gflops, "of_peak": achieved / peak_gflops}
+            "achieved_gflops": achieved, "peak_gflops": peak_gflops,
+            "of_peak": achieved / peak_gflops if peak_gflops else None}
 
 
 # The operations FlopCounterMode counts, as the CPU profiler names them: their kernels run inside.
@@ -273,13 +275,13 @@ def bench_sample(config: Config, batch: int, device: torch.device) -> dict:
             "flops_per_img_eval": flops_per_eval, "achieved_gflops": achieved}
 
 
-def precision_variants(config: Config, overrides: list[str]) -> list[Config]:
-    """The configs whose training is timed: the one asked for if --set names train.precision,
-    else fp32 and bf16 side by side, so their ratio comes from one run."""
+def precision_variants(config: Config, overrides: list[str], bf16: bool = True) -> list[Config]:
+    """The configs whose training is timed: the one asked for if --set names train.precision, else
+    fp32 and (where the device computes bf16 natively) bf16 side by side, so their ratio comes from one run."""
     if any(item.partition("=")[0].strip() == "train.precision" for item in overrides):
         return [config]
     variants = []
-    for precision in ("fp32", "bf16"):
+    for precision in ("fp32", "bf16") if bf16 else ("fp32",):
         variant = copy.deepcopy(config)
         variant.train.precision = precision
         variants.append(variant)
@@ -290,13 +292,15 @@ def run_bench(config: Config, label: str, overrides: list[str], what: str, batch
               device: torch.device) -> dict:
     """The whole measurement as one JSON-ready dict; `what` is train, sample or all. Every ratio to
     the peak uses the best reading of the whole run."""
-    meter = PeakMeter(device)
-    result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "matmul_size": meter.n,
+    native = native_bf16(device)
+    meter = PeakMeter(device, bf16=native)
+    result = {"preset": label, "overrides": list(overrides), "machine": machine(device), "bf16_native": native,
+              "matmul_size": meter.n,
               "params": sum(p.numel() for p in build_denoiser(config).parameters())}
     train_batch, sample_batch = batch or config.train.batch, batch or config.sample.batch
     timing_train, timing_sample = what in ("train", "all"), what in ("sample", "all")
     if timing_train:
-        variants = precision_variants(config, overrides)
+        variants = precision_variants(config, overrides, bf16=native)
         prepared = {c.train.precision: prepared_step(c, train_batch, device) for c in variants}
         seconds = timed_in_turn(prepared, steps, device, meter)
     if timing_sample:
@@ -328,15 +332,17 @@ def format_report(result: dict) -> str:
              f"{m['cpu_cores']} cores, load average {m['load_average_1min']}",
              f"matmul peak ({result['matmul_size']}x{result['matmul_size']}, the best of "
              f"{len(readings['fp32'])} readings): fp32 {result['matmul_peak_gflops']:.0f} GFLOP/s (readings "
-             f"{min(readings['fp32']):.0f}-{max(readings['fp32']):.0f}), bf16 {result['matmul_peak_gflops_bf16']:.0f} "
-             f"GFLOP/s ({min(readings['bf16']):.0f}-{max(readings['bf16']):.0f})",
+             f"{min(readings['fp32']):.0f}-{max(readings['fp32']):.0f})" + (
+                 f", bf16 {result['matmul_peak_gflops_bf16']:.0f} GFLOP/s ({min(readings['bf16']):.0f}-"
+                 f"{max(readings['bf16']):.0f})" if readings.get("bf16") else
+                 "; bf16 is not native on this device (no AVX-512 BF16 or AMX): not timed"),
              f"{result['preset']}: {result['params'] / 1e6:.2f}M parameters"]
     if "train" in result:
         lines += ["", "train  precision  channels_last  compile  batch  img/s    GFLOP/s  of peak"]
         for r in result["train"]:
             lines.append(f"       {r['precision']:<9}  {str(r['channels_last']).lower():<13}  "
                          f"{str(r['compile']).lower():<7}  {r['batch']:<5}  {r['img_per_s']:<7.1f}  "
-                         f"{r['achieved_gflops']:<7.1f}  {r['of_peak']:.3f}")
+                         f"{r['achieved_gflops']:<7.1f}  {fmt_share(r['of_peak'])}")
         if "train_counted_ops" in result:
             c = result["train_counted_ops"]
             lines.append(f"fp32: convolutions and matrix products take {c['share_of_step']:.0%} of the step and run at "
@@ -349,3 +355,7 @@ def format_report(result: dict) -> str:
                       f"per image, batch {s['batch']}: {s['img_per_s']:.2f} img/s, {s['img_evals_per_s']:.1f} image "
                       f"evaluations/s, {s['achieved_gflops']:.1f} GFLOP/s ({s['of_peak']:.3f} of the fp32 peak)"]
     return "\n".join(lines)
+
+
+def fmt_share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

@@ -65,3 +65,14 @@ def check_compile_works(device: torch.device) -> None:
 
 def _compile_probe(x: torch.Tensor) -> torch.Tensor:
     return x * 2 + 1
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether the device computes bf16 in hardware: a CUDA device that supports it, or a CPU with
+    AVX-512 BF16 or AMX. Elsewhere PyTorch emulates bf16 products, which run hundreds of times slower
+    than fp32 (a 2048 x 2048 product: 166 s against 0.68 s on one core of an AMD EPYC without them)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, so looked up with a default
+    return device.type == "cpu" and any(getattr(torch.cpu, name, lambda: False)() for name in probes)
