@@ -255,15 +255,17 @@ def watch(job: Job, config: Config, run_dir: Path, data: TrainData, dataset: Dat
     save_due = main and (crossed(before, nimg, t.checkpoint_kimg) or last or fd_due)
     if job.phema and main and (crossed(before, nimg, t.ema_snapshot_kimg) or done):
         job.phema.save_snapshots(run_dir / PHEMA_DIR, nimg)
+    if not (grid_due or fd_due or save_due):
+        return
+    ema = job.current_ema()  # brought up to date once for the grid, the FD and the checkpoint
     if grid_due:
         path = run_dir / "samples" / f"grid-{nimg // 1000:06d}kimg.png"
-        seconds = timed(write_grid, job.current_ema(), config, dataset, data.scaling, path)
+        seconds = timed(write_grid, ema, config, dataset, data.scaling, path)
         append_jsonl(metrics, {"event": "grid", **where, "seconds": seconds})
-    fd = training_fd(job.current_ema(), config, dataset, data) if fd_due else None  # every rank samples its block
+    fd = training_fd(ema, config, dataset, data) if fd_due else None  # every rank samples its block
     if fd and main:
         append_jsonl(metrics, {"event": "fd", **where, **fd})
     if save_due:
-        job.current_ema()
         save(run_dir, where["step"], nimg, config, job, fd and fd["fd"])
 
 
