@@ -282,3 +282,27 @@ def test_diffuse_eval_writes_a_reference_and_measures_fid_against_it(tmp_path, c
     assert "needs --ref STATS.npz" in err and err.count("\n") == 1
     assert main(["eval", str(tmp_path / "a.npz"), "--ref", str(ref)]) == 2
     assert "are for --features inception" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, make, words", [
+    ("--ref", None, "does not exist"),
+    ("--ref", lambda p: p.mkdir(), ""),
+    ("--ref", lambda p: p.write_bytes(b"not an npz"), ""),
+    ("--write-ref", lambda p: p.mkdir(), "is a folder"),
+    ("--write-ref", lambda p: p.write_text("my notes"), "exists and is not a reference .npz"),
+])
+def test_a_bad_ref_path_is_one_sentence_and_nothing_is_lost(tmp_path, capsys, flag, make, words):
+    """--ref that is missing, a folder or not an .npz, and --write-ref onto a folder or a file of the
+    user's: exit 2, one sentence, before any image is measured, and the path as it was."""
+    from diffuse.cli import main
+    from diffuse.images import save_npz
+
+    save_npz(tmp_path / "a.npz", np.zeros((4, 8, 8, 1), np.uint8), np.zeros(4, np.int64))
+    path = tmp_path / "ref.npz"
+    if make:
+        make(path)
+    before = path.read_bytes() if path.is_file() else None
+    assert main(["eval", str(tmp_path / "a.npz"), "--features", "inception", flag, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("diffuse: ") and err.count("\n") == 1 and "Traceback" not in err and words in err
+    assert (path.read_bytes() if path.is_file() else None) == before

@@ -92,6 +92,20 @@ def distill(teacher: str | Path, out: str | Path, config: str | Path | Config | 
     return run_distillation(student, teacher_dir, Path(out), device=pick_device(device), progress=progress, log=log)
 
 
+def draw_from_run(model: Model, n: int | None, progress: bool | None, settings: dict) -> Samples:
+    """n of the run's samples to measure (default: its sample.n_eval), with the run's sampler settings
+    and `settings` on top."""
+    show = sys.stderr.isatty() if progress is None else progress
+    return model.sample(n or model.config.sample.n_eval, progress=show, **settings)
+
+
+def measured_model(source: Path, n: int | None, ema: float | None, device) -> Model:
+    """The model of a run whose samples are to be measured, with n (if given) checked first."""
+    if n is not None and (not isinstance(n, int) or n < 2):
+        raise UserError(f"--n {n} must be at least 2 to fit a covariance.")
+    return load(source, ema, device=device)
+
+
 def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = None, features: str = "fmnist",
              device: str | torch.device | None = "auto", progress: bool | None = None, **settings) -> dict:
     """FD and class accuracy of a samples .npz (in `features`), or of n samples drawn from a run (default:
@@ -101,14 +115,11 @@ def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = No
     if not source.is_dir():
         images, labels = load_npz(source)
         return {"source": str(source), "features": features, **evaluate_features(features, images, labels)}
-    if n is not None and (not isinstance(n, int) or n < 2):
-        raise UserError(f"--n {n} must be at least 2 to fit a covariance.")
-    model = load(source, ema, device=device)
+    model = measured_model(source, n, ema, device)
     ds = model.dataset
     if ds.features is None:
         raise UserError(f"{source} is a {ds.name} run, which has no feature network to measure an FD in.")
-    show = sys.stderr.isatty() if progress is None else progress
-    drawn = model.sample(n or model.config.sample.n_eval, progress=show, **settings)
+    drawn = draw_from_run(model, n, progress, settings)
     if not distributed.is_main():  # every rank sampled its block; rank 0 measures
         return {}
     images, labels = drawn
@@ -127,13 +138,10 @@ def images_of(source: str | Path, n: int | None = None, *, ema: float | None = N
     if not source.is_dir():
         images, labels = load_npz(source)
         return images, labels, {}
-    if n is not None and (not isinstance(n, int) or n < 2):
-        raise UserError(f"--n {n} must be at least 2 to fit a covariance.")
-    model = load(source, ema, device=device)
+    model = measured_model(source, n, ema, device)
     if not model.dataset.is_image:
         raise UserError(f"{source} is a {model.dataset.name} run of points, not images; FID measures images.")
-    show = sys.stderr.isatty() if progress is None else progress
-    drawn = model.sample(n or model.config.sample.n_eval, progress=show, **settings)
+    drawn = draw_from_run(model, n, progress, settings)
     return drawn.images, drawn.labels, drawn.settings
 
 
@@ -157,6 +165,11 @@ def write_fid_reference(source: str | Path, out: str | Path, n: int | None = Non
     out = Path(out)
     if out.exists() and not out.is_file():
         raise UserError(f"--write-ref {out} is a folder; give the path of an .npz file to write.")
+    if out.exists():  # replace only a reference file, never someone's other file
+        try:
+            read_reference(out)
+        except UserError:
+            raise UserError(f"--write-ref {out} exists and is not a reference .npz; choose a new path.") from None
     images, _, _ = images_of(source, n, device=device, **options)
     if not distributed.is_main():
         return {}
