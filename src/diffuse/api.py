@@ -24,7 +24,8 @@ import torch
 
 from diffuse import distributed
 from diffuse.checkpoint import load_checkpoint, load_denoiser, write_checkpoint
-from diffuse.config import Config, load_config, read_config, validate
+from diffuse.config import Config, DataConfig, load_config, read_config, validate
+from diffuse.data import dataset
 from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, run_doctor, write_doctor_json
 from diffuse.distillation import distill as run_distillation
 from diffuse.distillation import student_config
@@ -35,6 +36,7 @@ from diffuse.metrics.features import evaluate_features, fd_name
 from diffuse.metrics.inception import fid, inception_stats, read_reference, write_reference
 from diffuse.metrics.superres import evaluate_superres
 from diffuse.model import SETTINGS, Model, Samples, checkpoint_at, load, pick_device  # noqa: F401 (the API's)
+from diffuse.nets import sized_for
 from diffuse.report import ema_sweep_plot, write_report
 from diffuse.training import train as run_training
 
@@ -43,13 +45,32 @@ def make_config(config: str | Path | Config | None = None, overrides: Sequence[s
     """A validated Config from a preset name ("fmnist"), a TOML file (a Path, or a string ending in
     .toml or holding a /) or a Config, with `key=value` overrides (a list of strings, or a mapping
     such as {"train.kimg": 50})."""
-    items = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={_toml(v)}" for k, v in overrides.items()] \
-        if isinstance(overrides, Mapping) else list(overrides)
+    items = _items(overrides)
     if isinstance(config, Config):
         return load_config(overrides=items, base=config)
     if isinstance(config, Path) or (isinstance(config, str) and (config.endswith(".toml") or "/" in config)):
         return load_config(None, config, items)
     return load_config(config, None, items)  # a preset name (None: the defaults)
+
+
+def with_data(config: str | Path | Config | None, overrides: Sequence[str] | Mapping, data: str | Path | None
+              ) -> tuple[str | Path | Config | None, list[str]]:
+    """(config, overrides) that train on the prepared data set `data` (None: as given)."""
+    items = _items(overrides)
+    if data is None:
+        return config, items
+    path = Path(data).resolve()
+    chosen, ds = ["data.name='prepared'", f"data.path={str(path)!r}"], dataset(DataConfig("prepared", str(path)))
+    if ds.features is None:  # no feature net trained on it yet: no FD while training
+        chosen.append("train.fd_kimg=0")
+    if config is None:
+        config, chosen = "fmnist", chosen + sized_for(ds)
+    return config, chosen + items
+
+
+def _items(overrides: Sequence[str] | Mapping) -> list[str]:
+    return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={_toml(v)}" for k, v in overrides.items()] \
+        if isinstance(overrides, Mapping) else list(overrides)
 
 
 def _toml(value) -> str:
@@ -61,9 +82,15 @@ def _toml(value) -> str:
 
 
 def train(config: str | Path | Config | None, out: str | Path, overrides: Sequence[str] | Mapping = (), *,
-          device: str | torch.device | None = "auto", progress: bool | None = None, log=print) -> Path:
-    """Train (or resume) a run in `out` from a preset name, a TOML file or a Config, with overrides."""
-    config = make_config(config, overrides)
+          data: str | Path | None = None, device: str | torch.device | None = "auto", progress: bool | None = None,
+          log=print) -> Path:
+    """Train (or resume) a run in `out` from a preset name, a TOML file or a Config, with overrides.
+
+    data: a prepared data set (`diffuse data prepare`) to train on instead of the config's; with no
+    config named, the `fmnist` preset's diffusion and training with the net and batch that
+    `nets.sized_for` picks for the data set's resolution and channels.
+    """
+    config = make_config(*with_data(config, overrides, data))
     if config.distill.method != "none":
         raise UserError(f"distill.method '{config.distill.method}' is for `diffuse distill TEACHER_RUN`; "
                         "`diffuse train` trains a model from scratch.")
@@ -124,7 +151,7 @@ def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = No
         return {}
     images, labels = drawn
     result = {"source": str(source), "features": ds.features, **evaluate_features(ds.features, images, labels)}
-    if ds.condition == "image":  # a super-resolution run: its measures and the upsampling baselines'
+    if ds.condition == "image" and ds.factor > 1:  # super-resolution: its measures and the upsampling baselines'
         result |= evaluate_superres(images, labels, ds.eval_truth(len(images)).numpy(), ds.factor)
     return result | drawn.settings
 

@@ -59,6 +59,8 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("train", help="train a model, or resume the run in --out")
     add_config_flags(p)
+    p.add_argument("--data", metavar="DATA_DIR", help="train on a data set made by `diffuse data prepare` "
+                   "(without --preset: a net and batch sized for its resolution and channels)")
     p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
     p.set_defaults(run=cmd_train)
     add_sampling_commands(sub)
@@ -192,7 +194,7 @@ def progress() -> bool:
 
 
 def cmd_train(args) -> None:
-    api.train(config_source(args), args.out, args.set, device=args.device)
+    api.train(config_source(args), args.out, args.set, data=args.data, device=args.device)
 
 
 def cmd_distill(args) -> None:

@@ -25,8 +25,11 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 @dataclass
 class DataConfig:
-    name: str = "fmnist"              # fmnist | toy2d (data.DATASETS)
-    task: str = "class"               # class: condition on the label | superres: on a low-res image (data.TASKS)
+    name: str = "fmnist"              # fmnist | toy2d | prepared (data.DATASETS)
+    path: str = ""                    # prepared: the DATA_DIR of `diffuse data prepare` (`train --data DATA_DIR`)
+    task: str = "class"               # class: condition on what the data set holds (its labels, vectors, paired
+                                      # images, or nothing) | superres: on a low-res version of the image (data.TASKS)
+    xflip: bool = False               # augment: each training image mirrored left-right with probability 1/2
     factor: int = 4                   # superres: the condition is the image average-pooled factor x factor
     mean: float | None = None         # pixel scaling x = (p / 255 - mean) / std, fitted on the first run
     std: float | None = None

@@ -7,13 +7,14 @@ neither holds them they are downloaded once into ~/.cache/diffuse with a SHA-256
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 import os
 import shutil
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from diffuse.errors import UserError
 from diffuse.files import sha256_file
 from diffuse.images import first_of_each_class, panel, rows_by_label, save_grid, save_scatter
+from diffuse.prepared import Prepared, open_prepared
 
 if TYPE_CHECKING:  # config imports this module's choice lists
     from diffuse.config import DataConfig
@@ -146,32 +148,96 @@ def load_fmnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 # The data a training run sees.
 
 
-@dataclass
-class TrainData:
-    """Scaled data in memory.
+@dataclass(frozen=True)
+class Split:
+    """One split of a data set's files, read a batch at a time.
 
-    x: float32 (N, C, H, W) or (N, 2) in model space; y: int64 (N,) class labels (what the probe
-    and the class accuracy are measured against); cond: what the model is conditioned on, (N, ...),
-    the labels themselves for class-conditional data.
+    images: the rows of its file, uint8 (N_file, H, W, C), in memory (a tensor) or memory-mapped
+    (a numpy array of a prepared data set, which may be larger than memory), or float32 points
+    (N_file, D); conditions: the stored conditions of the same rows, float32 vectors (N_file, D)
+    or uint8 images (N_file, h, w, c), or None; labels: int64 (n,) of this split's examples, -1
+    where none; rows: int64 (n,) the file rows of this split's examples, None for all in order.
     """
 
-    x: torch.Tensor
-    y: torch.Tensor
-    num_classes: int
-    scaling: Scaling | None  # None for data that is not an image (toy 2-D)
-    cond: torch.Tensor | None = None
+    images: torch.Tensor | np.ndarray
+    labels: torch.Tensor
+    conditions: torch.Tensor | np.ndarray | None = None
+    rows: np.ndarray | None = None
 
-    def __post_init__(self):
-        if self.cond is None:
-            self.cond = self.y
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def images_at(self, index: torch.Tensor) -> torch.Tensor:
+        """The examples `index` (n,) of this split as a tensor (n, ...), read from memory or the file."""
+        return self._at(self.images, index)
+
+    def conditions_at(self, index: torch.Tensor) -> torch.Tensor:
+        return self._at(self.conditions, index)
+
+    def _at(self, array: torch.Tensor | np.ndarray, index: torch.Tensor) -> torch.Tensor:
+        i = index.cpu().numpy() if self.rows is None else self.rows[index.cpu().numpy()]
+        if torch.is_tensor(array):
+            return array[torch.from_numpy(i).to(array.device)]
+        order = np.argsort(i, kind="stable")  # a memory map reads fastest front to back
+        out = np.empty((len(i), *array.shape[1:]), dtype=array.dtype)
+        out[order] = array[i[order]]
+        return torch.from_numpy(out)
+
+
+class TrainData:
+    """A split as training sees it: `take(index)` -> (x0, cond, labels) in model space on `device`.
+
+    x0: float32 (n, C, H, W) images (`Scaling.encode` of the uint8 rows) or (n, D) points; cond:
+    what the model is conditioned on: the labels (class data; -1 for unconditional data), the
+    vectors (n, D), or an image (n, *cond_shape) in model space, stored beside the images or the
+    images average-pooled `factor` x `factor` (super-resolution); labels: int64 (n,), the probe's
+    and the class accuracy's targets, -1 where the data set has none.
+    """
+
+    def __init__(self, split: Split, num_classes: int, scaling: Scaling | None, condition: str, factor: int = 1):
+        self.split, self.num_classes, self.scaling = split, num_classes, scaling
+        self.condition, self.factor = condition, factor
+        self.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.split.labels
 
     def to(self, device: str | torch.device) -> TrainData:
-        self.x, self.y, self.cond = self.x.to(device), self.y.to(device), self.cond.to(device)
+        """Examples held in memory move to `device` once; memory-mapped ones are read a batch at a time."""
+        self.device, s = torch.device(device), self.split
+        move = lambda a: a.to(self.device) if torch.is_tensor(a) else a  # noqa: E731
+        self.split = Split(move(s.images), s.labels, move(s.conditions), s.rows)
         return self
 
+    def take(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, cond, labels) of the examples `index` (n,), on this data's device."""
+        x = self.split.images_at(index).to(self.device)
+        x = self.scaling.encode(x) if self.scaling else x
+        labels = self.split.labels[index.cpu()].to(self.device)
+        if self.condition == "vector":
+            cond = self.split.conditions_at(index).to(self.device, torch.float32)
+        elif self.condition == "image" and self.split.conditions is not None:
+            cond = self.scaling.encode(self.split.conditions_at(index).to(self.device))
+        elif self.condition == "image":
+            cond = low_res(x, self.factor)
+        else:
+            cond = labels
+        return x, cond, labels
+
+    def first(self, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, cond, labels) of the first n examples."""
+        return self.take(torch.arange(min(n, len(self))))
+
     def describe(self) -> str:
-        return (f"{len(self.x)} examples of shape {tuple(self.x.shape[1:])}, {self.num_classes} classes; "
-                f"scaled data mean {self.x.mean().item():+.3f}, std {self.x.std().item():.3f}")
+        x, _, _ = self.first(2048)
+        kind = {"label": f"{self.num_classes} classes", "none": "unconditional", "vector": "vector condition",
+                "image": "image condition"}[self.condition]
+        return (f"{len(self)} examples of shape {tuple(x.shape[1:])}, {kind}; "
+                f"scaled data mean {x.mean().item():+.3f}, std {x.std().item():.3f} (first {len(x)})")
 
 
 def toy2d(n: int, seed: int = 0, modes: int = 8, radius: float = 2.0, std: float = 0.25):
@@ -207,15 +273,18 @@ def low_res(x: torch.Tensor, factor: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The Dataset record: everything the rest of diffuse knows of a data set.
 
-DATASETS = ("fmnist", "toy2d")
-TASKS = ("class", "superres")  # data.task: condition on the label | on a low-res version of the image
+DATASETS = ("fmnist", "toy2d", "prepared")  # prepared: a DATA_DIR of `diffuse data prepare` (data.path)
+TASKS = ("class", "superres")  # data.task: condition on what the data set holds | on a low-res version of the image
+CONDITIONS = ("none", "label", "vector", "image")
 GRID_PER_CLASS = 10            # images per class in the training grid
+GRID_CLASSES = 10              # classes in the training grid (the first ones, where there are more)
+GRID_UNLABELLED = 64           # images in the grid of data without classes
 
 
 @dataclass(frozen=True)
 class Dataset:
     """A data set as training, sampling, evaluation and the pictures see it; made by `dataset(config.data)`
-    without reading a file.
+    reading at most a prepared data set's description.
 
     Images are uint8 (N, H, W, C) in files and float32 (N, C, H, W) in model space (`Scaling`);
     points are float32 (N, D), already in model space.
@@ -223,78 +292,93 @@ class Dataset:
 
     name: str
     shape: tuple[int, ...]                # one example in model space: (C, H, W), or (D,) for points
-    num_classes: int                      # classes of the labels y: the probe's and the accuracy's targets
-    condition: str                        # what the model is conditioned on: "label" | "image"
-    cond_shape: tuple[int, ...] | None    # one image condition, (C, H / factor, W / factor); None for labels
-    factor: int                           # image condition: the image average-pooled factor x factor
-    features: str | None                  # the feature net of its FD ("fmnist": FD-FMNIST), or None
-    read: Callable[[str], tuple[torch.Tensor, torch.Tensor]] | None  # split -> (uint8 images, labels); None: points
+    num_classes: int                      # classes of the labels y: the probe's and the accuracy's targets (0: none)
+    condition: str                        # what the model is conditioned on: "none" | "label" | "vector" | "image"
+    cond_shape: tuple[int, ...] | None    # one vector (D,) or image condition (C, h, w); None for labels or none
+    factor: int                           # super-resolution: the condition is the image average-pooled factor x factor
+    features: str | None                  # the feature net of its FD: "fmnist" (FD-FMNIST), a DATA_DIR, or None
+    read: Callable[[str], Split]          # "train" | "test" (the held-out split) -> its files
+    stats: Scaling | None = None          # the pixel mean and std recorded with the files, else fitted by `load`
 
     @property
     def is_image(self) -> bool:
         return len(self.shape) == 3
 
-    def load(self, split: str = "train", scaling: Scaling | None = None, seed: int = 0) -> TrainData:
-        """The split in model space, with the scaling fitted to it where `scaling` is None."""
-        if not self.is_image:
-            return TrainData(*toy2d(50_000, seed=seed), self.num_classes, None)
-        images, labels = self.read(split)
-        scaling = scaling or fit_scaling(images)
-        x = scaling.encode(images)
-        return TrainData(x, labels, self.num_classes, scaling, self.condition_of(x))
+    @property
+    def paired(self) -> bool:
+        """An image condition stored beside each image (image-to-image), not pooled from it."""
+        return self.condition == "image" and self.factor == 1
 
-    def condition_of(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The image condition of examples x (N, C, H, W) in model space; None where the condition is the label."""
-        return low_res(x, self.factor) if self.condition == "image" else None
+    def load(self, split: str = "train", scaling: Scaling | None = None) -> TrainData:
+        """The split, read a batch at a time in model space, with the scaling fitted to it where `scaling` is None."""
+        files = self.read(split)
+        if self.is_image:
+            scaling = scaling or self.stats or fit_scaling(files.images)
+        return TrainData(files, self.num_classes, scaling if self.is_image else None, self.condition, self.factor)
 
     def eval_truth(self, n: int) -> torch.Tensor | None:
-        """The images the evaluation conditions come from: the first n test images, cycling; None for labels."""
+        """The images the evaluation conditions come from: the first n held-out images, cycling; None
+        where the condition is not an image."""
         if self.condition != "image":
             return None
-        images, _ = self.read("test")
-        return images[torch.arange(n) % len(images)]
+        held = self.read("test")
+        return held.images_at(torch.arange(n) % len(held))
 
     def eval_conditions(self, scaling: Scaling | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditions (n, ...), class labels (n,)) of n evaluation samples.
 
-        Labels: the classes in turn, 0, 1, ..., as both. Image condition: the low-res versions
-        (n, C, H / factor, W / factor) in model space of `eval_truth(n)`, and their classes.
+        Labels: the classes in turn, 0, 1, ..., as both; no condition: -1 as both. Vectors and
+        images: those of the first n held-out examples, cycling (images in model space), and their
+        labels (-1 where the data set has none).
         """
-        if self.condition == "image":
-            images, labels = self.read("test")
-            index = torch.arange(n) % len(images)
-            return self.condition_of(scaling.encode(images[index])), labels[index]
-        labels = torch.arange(n) % self.num_classes
-        return labels, labels
+        if self.condition == "label":
+            labels = torch.arange(n) % self.num_classes
+            return labels, labels
+        if self.condition == "none":
+            labels = torch.full((n,), -1, dtype=torch.long)
+            return labels, labels
+        held = self.read("test")
+        _, cond, labels = TrainData(held, self.num_classes, scaling, self.condition, self.factor).take(
+            torch.arange(n) % len(held))
+        return cond, labels
 
     def grid_conditions(self, scaling: Scaling | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(conditions, labels, truth or None) of the fixed picture drawn during training: GRID_PER_CLASS
-        images of each class; for an image condition the first test image of each class; 2,000 points."""
+        images of each of the first GRID_CLASSES classes; GRID_UNLABELLED images of unlabelled data
+        (vector conditions: the first held-out ones); for an image condition the first held-out
+        image of each class (or the first ten); 2,000 points."""
         if not self.is_image:
             labels = torch.arange(2000) % self.num_classes
             return labels, labels, None
         if self.condition == "image":
-            images, labels = self.read("test")
-            first = torch.as_tensor(first_of_each_class(labels))
-            return self.condition_of(scaling.encode(images[first])), labels[first], images[first]
-        labels = torch.arange(self.num_classes).repeat_interleave(GRID_PER_CLASS)
-        return labels, labels, None
+            held = self.read("test")
+            first = torch.as_tensor(first_of_each_class(held.labels) if self.num_classes else
+                                    np.arange(min(GRID_CLASSES, len(held))))
+            _, cond, labels = TrainData(held, self.num_classes, scaling, self.condition, self.factor).take(first)
+            return cond, labels, held.images_at(first)
+        if self.condition == "label":
+            labels = torch.arange(min(self.num_classes, GRID_CLASSES)).repeat_interleave(GRID_PER_CLASS)
+            return labels, labels, None
+        return self.eval_conditions(scaling, GRID_UNLABELLED) + (None,)
 
     def picture(self, path: Path, samples: np.ndarray, labels: np.ndarray, truth: np.ndarray | None = None) -> None:
-        """A PNG of samples: points as a scatter plot; images a row per class (GRID_PER_CLASS of each);
-        for an image condition rows low-res input / sample / truth, a column per class."""
+        """A PNG of samples: points as a scatter plot; class data a row per class (GRID_PER_CLASS of each);
+        unlabelled data rows of 8; for an image condition rows input / sample / truth, a column per example."""
         samples, labels = np.asarray(samples), np.asarray(labels)
         if not self.is_image:
             save_scatter(path, samples, labels)
         elif self.condition == "image":
-            cols = first_of_each_class(labels)
-            save_grid(path, panel(samples[cols], np.asarray(truth)[cols], self.factor), nrow=len(cols))
-        else:
+            cols = first_of_each_class(labels) if self.num_classes else np.arange(min(GRID_CLASSES, len(samples)))
+            inputs = None if self.factor > 1 else self.read("test").conditions_at(torch.as_tensor(cols)).numpy()
+            save_grid(path, panel(samples[cols], np.asarray(truth)[cols], self.factor, inputs), nrow=len(cols))
+        elif self.condition == "label":
             save_grid(path, samples[rows_by_label(labels, per_row=GRID_PER_CLASS)], nrow=GRID_PER_CLASS)
+        else:
+            save_grid(path, samples, nrow=8)
 
 
 def dataset(data: DataConfig) -> Dataset:
-    """The Dataset a `DataConfig` names (data.name, data.task, data.factor); reads no file."""
+    """The Dataset a `DataConfig` names (data.name, data.task, data.factor, data.path)."""
     if data.name not in DATASETS:
         raise UserError(f"unknown data set '{data.name}'; choose one of {', '.join(DATASETS)}.")
     if data.task not in TASKS:
@@ -302,11 +386,60 @@ def dataset(data: DataConfig) -> Dataset:
     if data.name == "toy2d":
         if data.task != "class":
             raise UserError(f"data.task {data.task!r} needs image data; the toy2d points take 'class'.")
-        return Dataset("toy2d", (2,), 8, "label", None, 1, None, None)
+        return Dataset("toy2d", (2,), 8, "label", None, 1, None, read_toy2d)
+    if data.name == "prepared":
+        return prepared_dataset(data)
     shape = (1, 28, 28)  # Fashion-MNIST: 28x28 grey images, 10 classes
     if data.task == "class":
-        return Dataset("fmnist", shape, 10, "label", None, 1, "fmnist", load_fmnist)
-    if data.factor < 2 or shape[1] % data.factor:
-        raise UserError(f"data.factor {data.factor} must divide the {shape[1]}-pixel side and be at least 2.")
-    cond_shape = (shape[0], shape[1] // data.factor, shape[2] // data.factor)
-    return Dataset("fmnist", shape, 10, "image", cond_shape, data.factor, "fmnist", load_fmnist)
+        return Dataset("fmnist", shape, 10, "label", None, 1, "fmnist", read_fmnist)
+    return superres(Dataset("fmnist", shape, 10, "image", None, 1, "fmnist", read_fmnist), data.factor)
+
+
+def superres(base: Dataset, factor: int) -> Dataset:
+    """The data set conditioned on its images average-pooled factor x factor (data.task = "superres")."""
+    side = base.shape[1]
+    if factor < 2 or side % factor:
+        raise UserError(f"data.factor {factor} must divide the {side}-pixel side and be at least 2.")
+    cond_shape = (base.shape[0], side // factor, side // factor)
+    return replace(base, condition="image", cond_shape=cond_shape, factor=factor)
+
+
+def read_fmnist(split: str) -> Split:
+    images, labels = load_fmnist(split)
+    return Split(images, labels)
+
+
+def read_toy2d(split: str) -> Split:
+    points, labels = toy2d(50_000, seed={"train": 0, "test": 1}[split])
+    return Split(points, labels)
+
+
+def prepared_dataset(data: DataConfig) -> Dataset:
+    """A DATA_DIR of `diffuse data prepare` (data.path): its description read and checked, its arrays mapped."""
+    if not data.path:
+        raise UserError("data.name 'prepared' needs the data set's folder: pass --data DATA_DIR "
+                        "(made by `diffuse data prepare`).")
+    prepared = open_prepared(Path(data.path))
+    shape = (prepared.channels, prepared.resolution, prepared.resolution)
+    condition = prepared.condition
+    cond_shape = {"vector": lambda: (prepared.vectors.shape[1],),
+                  "image": lambda: (prepared.conditions.shape[3], *prepared.conditions.shape[1:3])}.get(
+        condition, lambda: None)()
+    features = str(prepared.path) if (prepared.path / "features.json").is_file() else None
+    read = functools.partial(read_prepared, prepared)
+    stats = Scaling(round(prepared.meta["mean"], 6), round(prepared.meta["std"], 6))
+    base = Dataset(prepared.name, shape, prepared.num_classes, condition, cond_shape, 1, features, read, stats)
+    if data.task == "superres":
+        if condition != "none" and condition != "label":
+            raise UserError(f"data.task 'superres' conditions on the images alone; {data.path} has "
+                            f"{condition} conditions: train it with data.task 'class'.")
+        return superres(base, data.factor)
+    return base
+
+
+def read_prepared(prepared: Prepared, split: str) -> Split:
+    rows = {"train": prepared.train_index, "test": prepared.heldout}[split]
+    labels = (torch.from_numpy(np.asarray(prepared.labels[rows], dtype=np.int64)) if prepared.labels is not None
+              else torch.full((len(rows),), -1, dtype=torch.long))
+    conditions = prepared.vectors if prepared.vectors is not None else prepared.conditions
+    return Split(prepared.images, labels, conditions, rows)

@@ -85,8 +85,8 @@ def fresh_denoiser(config: Config, device="cpu") -> Denoiser:
 def held_out(data: TrainData, seed: int, n: int = NET_BATCH) -> tuple[torch.Tensor, torch.Tensor]:
     """(x0 (n, ...), cond (n, ...)): the last n examples of the first epoch, which the doctor's short
     trainings (a few thousand images) never reach."""
-    index = epoch_permutation(len(data.x), seed, 0)[-n:].to(data.x.device)
-    return data.x[index], data.cond[index]
+    x0, cond, _ = data.take(epoch_permutation(len(data), seed, 0)[-n:])
+    return x0, cond
 
 
 def time_at(process, fraction: float, n: int, device) -> torch.Tensor:
@@ -165,8 +165,8 @@ def composition_check(name: str, tensor: torch.Tensor, x0: torch.Tensor, eps: to
 @torch.no_grad()
 def type_checks(config: Config, denoiser: Denoiser, data: TrainData) -> list[Check]:
     """Data, x_t and target at TYPE_FRACTIONS of the schedule, and the output of `denoiser` (fresh weights)."""
-    checks = [data_check(batch_at(data, 0, min(DATA_SAMPLE, len(data.x)), config.train.seed)[0])]
-    x0, cond, _ = batch_at(data, 0, min(TYPE_BATCH, len(data.x)), config.train.seed)
+    checks = [data_check(batch_at(data, 0, min(DATA_SAMPLE, len(data)), config.train.seed)[0])]
+    x0, cond, _ = batch_at(data, 0, min(TYPE_BATCH, len(data)), config.train.seed)
     generator = torch.Generator().manual_seed(derive_seed(config.train.seed, "doctor", "types"))
     prediction, outputs = denoiser.prediction, []
     denoiser.eval()

@@ -287,7 +287,8 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
             write_config(run_dir, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(t.seed, "init"))
-            job = start_distillation(teacher, config, data.x[:1], data.cond[:1])
+            x0, cond, _ = data.first(1)
+            job = start_distillation(teacher, config, x0, cond)
         if d.regression > 0:
             job.pairs = teacher_pairs(run_dir, teacher, config, data, log)
         nimg = restore(run_dir, job, log)
@@ -304,13 +305,13 @@ def teacher_pairs(run_dir: Path, teacher: Denoiser, config: Config, data: TrainD
     if path.is_file():
         pairs = load_file(path)
     else:
-        d, device = config.distill, data.x.device
+        d = config.distill
         start = time.perf_counter()
-        index = torch.randperm(len(data.cond), generator=torch.Generator().manual_seed(derive_seed(
+        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(derive_seed(
             config.train.seed, "pairs")))[:d.pairs]
-        cond = data.cond[index.to(device)]
+        x0, cond, _ = data.take(index)
         seeds = image_seeds(derive_seed(config.train.seed, "pairs"), d.pairs)
-        shape = tuple(data.x.shape[1:])
+        shape = tuple(x0.shape[1:])
         settings = {**config.sample.sampler_args(), "sampler": "heun" if isinstance(teacher.process, EDM) else "ddim",
                     "steps": d.pair_steps, "eta": 0.0, "S_churn": 0.0, "cfg": d.real_cfg}
         mine = distributed.block(d.pairs)  # each rank samples its block of the pairs
@@ -324,7 +325,7 @@ def teacher_pairs(run_dir: Path, teacher: Denoiser, config: Config, data: TrainD
             tmp.replace(path)
         log(f"teacher pairs: {d.pairs} samples of {settings['steps']} {settings['sampler']} steps "
             f"({time.perf_counter() - start:.0f} s)")
-    return {k: v.to(data.x.device) for k, v in pairs.items()}
+    return {k: v.to(data.device) for k, v in pairs.items()}
 
 
 def student_config(teacher: Config, distill_settings: Config, teacher_dir: Path) -> Config:

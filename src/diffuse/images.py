@@ -100,9 +100,21 @@ def first_of_each_class(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.array([np.flatnonzero(labels == c)[0] for c in np.unique(labels[labels >= 0])], dtype=np.int64)
 
 
-def panel(samples: np.ndarray, truth: np.ndarray, factor: int) -> np.ndarray:
-    """Rows for a grid of k columns: low-res input (nearest-upsampled), sample, truth -> uint8 (3k, H, W, C)."""
-    return np.concatenate([upsample(low_res_of(truth, factor), factor, "nearest"), samples, truth])
+def panel(samples: np.ndarray, truth: np.ndarray, factor: int, inputs: np.ndarray | None = None) -> np.ndarray:
+    """Rows for a grid of k columns: input, sample, truth -> uint8 (3k, H, W, C).
+
+    The input is the low-res truth nearest-upsampled (factor > 1), or the given condition images
+    (k, h, w, c) of paired data, nearest-resized to H x W with gray repeated to C channels.
+    """
+    if inputs is None:
+        inputs = upsample(low_res_of(truth, factor), factor, "nearest")
+    else:
+        size = truth.shape[1:3]
+        inputs = np.stack([np.asarray(Image.fromarray(im.squeeze(-1) if im.shape[-1] == 1 else im)
+                                      .resize(size[::-1], Image.NEAREST)).reshape(*size, -1) for im in inputs])
+        inputs = inputs[..., :truth.shape[-1]] if inputs.shape[-1] >= truth.shape[-1] else \
+            np.repeat(inputs, truth.shape[-1], axis=-1)
+    return np.concatenate([inputs, samples, truth])
 
 
 # ---------------------------------------------------------------------------------------------

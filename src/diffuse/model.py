@@ -110,18 +110,32 @@ class Model:
 
     def conditions(self, n: int, labels, cond) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditions (n, ...), labels (n,)) for n samples, checked against what the model takes."""
-        ds = self.dataset
-        if ds.condition == "image":
+        ds, none = self.dataset, torch.full((n,), -1, dtype=torch.long)
+        if ds.condition in ("image", "vector"):
             if labels is not None:
-                raise UserError(f"--labels {_text(labels)} does not apply to a model conditioned on images; "
-                                "leave --labels out.")
-            if cond is None:
+                raise UserError(f"--labels {_text(labels)} does not apply to a model conditioned on "
+                                f"{ds.condition}s; leave --labels out.")
+            if cond is None:  # those of the held-out examples
                 return ds.eval_conditions(self.scaling, n)
-            return self.image_condition(cond, n), torch.full((n,), -1, dtype=torch.long)
+            made = self.image_condition(cond, n) if ds.condition == "image" else self.vector_condition(cond, n)
+            return made, none
         if cond is not None:
-            raise UserError("cond= is for a model conditioned on images; give a class-conditional model labels=.")
+            raise UserError("cond= is for a model conditioned on images or vectors; give a class-conditional "
+                            "model labels=.")
+        if ds.condition == "none":
+            if labels is not None and not (isinstance(labels, str) and labels in ("none", "all")):
+                raise UserError(f"--labels {_text(labels)} does not apply to an unconditional model; leave it out.")
+            return none, none
         chosen = parse_labels(labels, n, ds.num_classes)
         return chosen, chosen
+
+    def vector_condition(self, cond, n: int) -> torch.Tensor:
+        """Vectors (n, D) (a NaN row: none) -> float32 (n, D), checked against the model's D."""
+        cond = torch.as_tensor(np.asarray(cond, dtype=np.float32))
+        if tuple(cond.shape) != (n, *self.dataset.cond_shape):
+            raise UserError(f"cond has shape {tuple(cond.shape)}; this model takes {n} vectors of "
+                            f"{self.dataset.cond_shape[0]} numbers.")
+        return cond
 
     def image_condition(self, cond, n: int) -> torch.Tensor:
         """uint8 images (n, h, w, C) or a model-space tensor (n, *cond_shape) -> model space (n, *cond_shape)."""

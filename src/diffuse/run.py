@@ -111,7 +111,7 @@ def scaling_of(config: Config) -> Scaling | None:
 
 def load_data(config: Config, dataset: Dataset, device: torch.device) -> TrainData:
     """The training split on `device`; a scaling fitted here is recorded in config.data."""
-    data = dataset.load("train", scaling_of(config), seed=config.train.seed)
+    data = dataset.load("train", scaling_of(config))
     if data.scaling:
         config.data.mean, config.data.std = data.scaling.mean, data.scaling.std
     return data.to(device)
@@ -212,7 +212,7 @@ def drive(job: Job, config: Config, run_dir: Path, data: TrainData, dataset: Dat
         while nimg < total:
             start = time.perf_counter()
             step = nimg // t.batch
-            x0, cond, labels = batch_at(data, step, t.batch, t.seed)
+            x0, cond, labels = batch_at(data, step, t.batch, t.seed, config.data.xflip)
             lr = learning_rate(t, nimg)
             out = job.step(step, lr, x0, cond)
             before, nimg = nimg, nimg + t.batch
@@ -251,7 +251,7 @@ def watch(job: Job, config: Config, run_dir: Path, data: TrainData, dataset: Dat
     t, main, done = config.train, distributed.is_main(), nimg >= round(config.train.kimg * 1000)
     metrics = run_dir / "metrics.jsonl"
     grid_due = main and (crossed(before, nimg, t.grid_kimg) or done)
-    fd_due = t.fd_kimg > 0 and (crossed(before, nimg, t.fd_kimg) or done)
+    fd_due = t.fd_kimg > 0 and dataset.features is not None and (crossed(before, nimg, t.fd_kimg) or done)
     save_due = main and (crossed(before, nimg, t.checkpoint_kimg) or last or fd_due)
     if job.phema and main and (crossed(before, nimg, t.ema_snapshot_kimg) or done):
         job.phema.save_snapshots(run_dir / PHEMA_DIR, nimg)
@@ -325,18 +325,24 @@ def learning_rate(t: TrainConfig, nimg: int) -> float:
     return lr
 
 
-def batch_at(data: TrainData, step: int, batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_at(data: TrainData, step: int, batch: int, seed: int, xflip: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x0, cond, labels) of examples [step * batch, (step + 1) * batch) of an endless stream of
-    per-epoch permutations."""
-    n = len(data.x)
+    per-epoch permutations; with xflip each image (and an image condition) mirrored with probability 1/2."""
+    n = len(data)
     positions = torch.arange(step * batch, (step + 1) * batch)
     epochs, offsets = positions // n, positions % n
     index = torch.empty(batch, dtype=torch.long)
     for epoch in epochs.unique().tolist():
         mask = epochs == epoch
         index[mask] = epoch_permutation(n, seed, epoch)[offsets[mask]]
-    index = index.to(data.x.device)
-    return data.x[index], data.cond[index], data.y[index]
+    x0, cond, labels = data.take(index)
+    if xflip:
+        flip = torch.rand(batch, generator=torch.Generator().manual_seed(derive_seed(seed, "xflip", step))) < 0.5
+        x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
+        if cond.ndim == 4:
+            cond = torch.where(flip.to(cond.device)[:, None, None, None], cond.flip(-1), cond)
+    return x0, cond, labels
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -80,7 +80,8 @@ class Training:
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=t.lr, betas=(0.9, t.adam_beta2),
                                            weight_decay=t.weight_decay)
         # the probe starts before any checkpoint is restored: its baseline is the untrained net's
-        self.probe = start_probe(self.denoiser, data, t, log) if t.probe_kimg > 0 and distributed.is_main() else None
+        self.probe = (start_probe(self.denoiser, data, t, log) if t.probe_kimg > 0 and data.num_classes
+                      and distributed.is_main() else None)  # the probe reads class labels
         self.probed = self.denoiser
         self.model = training_loss(self.denoiser, config)
 
@@ -199,8 +200,10 @@ def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> 
 def start_probe(denoiser: Denoiser, data: TrainData, t: TrainConfig, log) -> Probe:
     """A fresh probe whose baseline is its head fitted to the features of the untrained `denoiser`."""
     start = time.perf_counter()
-    probe = Probe(denoiser, data.x[:1], data.num_classes)
-    probe.baseline = fit_baseline(denoiser, data.x, data.cond, data.y, data.num_classes, probe.t,
+    probe = Probe(denoiser, data.first(1)[0], data.num_classes)
+    fit = data.first(2048)
+    held = data.take(torch.arange(max(len(data) - 1024, 0), len(data)))
+    probe.baseline = fit_baseline(denoiser, fit, held, data.num_classes, probe.t,
                                   seed=derive_seed(t.seed, "probe-baseline"))
     probe.seconds = time.perf_counter() - start  # counted with the first summary
     log(f"probe: linear head on the bottleneck at t={probe.t}; untrained-net baseline accuracy "

@@ -109,9 +109,9 @@ def check_model(config: Config) -> None:
                         f"not {m.net!r}.")
     if m.net == "mp_unet" and config.diffusion.process != "edm":
         raise UserError("model.net 'mp_unet' embeds EDM's c_noise = ln(sigma) / 4; use it with diffusion.process 'edm'.")
-    if m.net == "mp_unet" and data.condition != "label":
-        raise UserError(f"model.net 'mp_unet' takes class labels, not the {data.condition} condition of data.task "
-                        f"{config.data.task!r}; use 'unet'.")
+    if m.net == "mp_unet" and data.condition not in ("label", "none"):
+        raise UserError(f"model.net 'mp_unet' takes class labels or no condition, not the {data.condition} "
+                        f"condition of {data.name!r}; use 'unet'.")
     if not data.is_image:
         return
     if not m.channels or min(m.channels) < 8 or any(c % 8 for c in m.channels):

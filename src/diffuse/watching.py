@@ -26,7 +26,7 @@ def training_fd(ema: Denoiser, config: Config, dataset: Dataset, data: TrainData
     mine = distributed.block(t.fd_n)
     seeds = image_seeds(derive_seed(t.seed, "fd"), t.fd_n)[mine]
     x = sample(ema, dataset.shape, cond[mine], seeds, **settings)
-    result = evaluate_features(dataset.features, data.scaling.decode(x), labels[mine], device=data.x.device,
+    result = evaluate_features(dataset.features, data.scaling.decode(x), labels[mine], device=data.device,
                                across_ranks=True)
     return {"fd": result["fd"], "accuracy": result["accuracy"], "n": t.fd_n, "steps": t.fd_steps,
             "seconds": time.perf_counter() - start}

@@ -136,13 +136,12 @@ def hide_label(cond: torch.Tensor | None) -> torch.Tensor | None:
     return null_condition(cond)
 
 
-def fit_baseline(untrained: Denoiser, x: torch.Tensor, cond: torch.Tensor, labels: torch.Tensor,
-                 num_classes: int, t, *, seed: int, n_fit: int = 2048, n_test: int = 1024, epochs: int = 30,
-                 batch: int = 64, lr: float = 1e-2) -> float:
+def fit_baseline(untrained: Denoiser, fit: tuple, test: tuple, num_classes: int, t, *, seed: int,
+                 epochs: int = 30, batch: int = 64, lr: float = 1e-2) -> float:
     """Held-out accuracy of the probe's head fitted to the untrained net's features.
 
-    Fits on the first n_fit examples of x (N, ...) and tests on the last n_test, each noised once
-    at time t; the head trains for `epochs` passes over the cached features.
+    fit, test: (x (N, ...), cond (N, ...), labels (N,)); the head fits on `fit`'s examples and is
+    tested on `test`'s, each noised once at time t, for `epochs` passes over the cached features.
     """
     generator = torch.Generator().manual_seed(seed)
 
@@ -150,8 +149,8 @@ def fit_baseline(untrained: Denoiser, x: torch.Tensor, cond: torch.Tensor, label
         return torch.cat([bottleneck_features(untrained, xs[i:i + 256], hide_label(cs[i:i + 256]), t, generator)
                           for i in range(0, len(xs), 256)])
 
-    f_fit, y_fit = features(x[:n_fit], cond[:n_fit]), labels[:n_fit]
-    f_test, y_test = features(x[-n_test:], cond[-n_test:]), labels[-n_test:]
+    f_fit, y_fit = features(*fit[:2]), fit[2]
+    f_test, y_test = features(*test[:2]), test[2]
     head = zero_linear(f_fit.shape[1], num_classes).to(f_fit.device)
     fit_head(head, torch.optim.Adam(head.parameters(), lr=lr), f_fit, y_fit, epochs=epochs, batch=batch,
              generator=generator)

@@ -8,8 +8,9 @@ ask which net they hold:
                  DMD2's GAN head read it through a forward hook
     logvar(t)    optional (EDM2's MP U-Net only): the learned log-variance u (B,) of the loss
 
-A net sees a condition of the data set's kind: class labels int64 (B,) with -1 for none, or an
-image (B, *cond_shape) through its own encoder (the U-Net's SPADE path).
+A net sees a condition of the data set's kind: class labels int64 (B,) with -1 for none (and
+nothing else for unconditional data), a vector (B, D) with a NaN row for none, or an image
+(B, *cond_shape) through its own encoder (the U-Net's SPADE path).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Net(Protocol):
 def build_net(m: ModelConfig, dataset: Dataset) -> nn.Module:
     """A freshly initialized net of model.net for the data set's shape, classes and kind of condition."""
     labels = dataset.num_classes if dataset.condition == "label" else 0
+    vector = dataset.cond_shape[0] if dataset.condition == "vector" else 0
+    image = dataset.cond_shape if dataset.condition == "image" else None
     if m.net == "mlp":
         return MLP(dim=dataset.shape[0], hidden=m.hidden, depth=m.depth, num_classes=labels,
                    emb_dim=m.emb_dim, dropout=m.dropout)
@@ -51,8 +54,24 @@ def build_net(m: ModelConfig, dataset: Dataset) -> nn.Module:
                       attn_levels=tuple(m.attn_levels), num_classes=labels, emb_dim=m.emb_dim,
                       dropout=m.dropout, fixed_mp=m.fixed_mp)
     return UNet(in_channels=dataset.shape[0], channels=tuple(m.channels), blocks=m.blocks,
-                attn_levels=tuple(m.attn_levels), num_classes=labels, emb_dim=m.emb_dim,
-                dropout=m.dropout, cond_shape=dataset.cond_shape)
+                attn_levels=tuple(m.attn_levels), num_classes=labels, cond_dim=vector, emb_dim=m.emb_dim,
+                dropout=m.dropout, cond_shape=image)
+
+
+def sized_for(dataset: Dataset) -> list[str]:
+    """The U-Net and batch a data set gets where no preset is named (`diffuse train --data DIR`), as
+    `key=value` overrides: one level per halving of the side down to 8 pixels or an odd side (16: 2
+    levels, 28 and 32: 3, 64: 4, 128: 5, 256: 6), widths 32 (grey) or 64 (colour) doubling once and
+    then once more from the third level, at most 256, attention at the coarsest level, and a batch of
+    64 up to 32 pixels, halved per doubling of the side above that (256 pixels: 8)."""
+    channels, side = dataset.shape[0], dataset.shape[1]
+    sides = [side]
+    while sides[-1] > 8 and sides[-1] % 2 == 0:
+        sides.append(sides[-1] // 2)
+    base = 32 if channels == 1 else 64
+    widths = [min(base * 2 ** min(level, 2), 256) for level in range(len(sides))]
+    batch = max(64 * 32 // max(side, 32), 8)
+    return [f"model.channels={widths}", f"model.attn_levels=[{len(widths) - 1}]", f"train.batch={batch}"]
 
 
 def build_denoiser(config: Config) -> Denoiser:

@@ -1,0 +1,144 @@
+"""Training, sampling, grids and evaluation on a user's own prepared data set: colour and grey,
+16 and 32 pixels, class labels, vectors, paired images and none, read a batch at a time."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffuse import api
+from diffuse.cli import main
+from diffuse.config import DataConfig, load_config
+from diffuse.data import dataset
+from diffuse.nets import build_net, sized_for
+from diffuse.run import batch_at
+
+TINY = ["train.kimg=0.256", "train.batch=16", "train.threads=1", "train.log_kimg=0.128", "train.grid_kimg=0.256",
+        "train.checkpoint_kimg=0.256", "train.fd_kimg=0", "train.probe_kimg=0.064", "model.channels=[16, 32]",
+        "model.attn_levels=[1]", "model.emb_dim=32", "sample.steps=2", "sample.n_eval=16"]
+
+
+def squares(n: int, side: int, channels: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """n images (n, side, side, channels) uint8: a bright square on a dark ground whose colour
+    (channel) or, for grey images, corner is its class of 3; and the classes (n,)."""
+    g = np.random.default_rng(seed)
+    labels = g.integers(0, 3, n)
+    images = g.integers(0, 40, (n, side, side, channels)).astype(np.uint8)
+    h = side // 2
+    for i, c in enumerate(labels):
+        if channels == 3:
+            images[i, :h, :h, c] = 230
+        else:
+            r, s = divmod(int(c), 2)
+            images[i, r * h:(r + 1) * h, s * h:(s + 1) * h, 0] = 230
+    return images, labels
+
+
+def write_data_dir(path, images, labels=None, vectors=None, conditions=None, heldout=0.2, name="squares"):
+    """A DATA_DIR as `diffuse data prepare` writes it (the arrays and the fields of data.json read here)."""
+    path.mkdir(parents=True)
+    n = len(images)
+    np.save(path / "images.npy", images)
+    condition = "none"
+    if labels is not None:
+        np.save(path / "labels.npy", labels.astype(np.int64))
+        condition = "label"
+    if vectors is not None:
+        np.save(path / "vectors.npy", vectors.astype(np.float32))
+        condition = "vector"
+    if conditions is not None:
+        np.save(path / "conditions.npy", conditions)
+        condition = "image"
+    np.save(path / "heldout.npy", np.arange(n - int(n * heldout), n, dtype=np.int64))
+    x = images.astype(np.float64) / 255
+    meta = {"format": "diffuse-data", "version": 1, "name": name, "count": n, "resolution": images.shape[1],
+            "channels": images.shape[3], "condition": condition, "heldout": int(n * heldout), "seed": 0,
+            "classes": [str(k) for k in range(int(labels.max()) + 1)] if labels is not None else None,
+            "mean": float(x.mean()), "std": float(x.std())}
+    (path / "data.json").write_text(json.dumps(meta))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rgb32(tmp_path_factory):
+    images, labels = squares(160, 32, 3)
+    return write_data_dir(tmp_path_factory.mktemp("data") / "rgb32", images, labels)
+
+
+def test_the_dataset_record_of_a_prepared_folder(rgb32):
+    ds = dataset(DataConfig(name="prepared", path=str(rgb32)))
+    assert (ds.name, ds.shape, ds.num_classes, ds.condition, ds.cond_shape) == ("squares", (3, 32, 32), 3, "label",
+                                                                                None)
+    train, held = ds.read("train"), ds.read("test")
+    assert (len(train), len(held)) == (128, 32)
+    images, labels = squares(160, 32, 3)
+    data = ds.load("train")
+    x0, cond, y = data.take(torch.tensor([5, 0, 127]))
+    want = torch.from_numpy(images[[5, 0, 127]]).permute(0, 3, 1, 2).double() / 255
+    assert torch.allclose(x0.double(), (want - ds.stats.mean) / ds.stats.std, atol=1e-5)
+    assert torch.equal(cond, torch.from_numpy(labels[[5, 0, 127]])) and torch.equal(y, cond)
+
+
+def test_the_images_are_read_a_batch_at_a_time_from_the_memory_map(rgb32):
+    data = dataset(DataConfig(name="prepared", path=str(rgb32))).load("train")
+    assert isinstance(data.split.images, np.memmap)  # never copied whole into memory
+    a, _, _ = batch_at(data, 3, 16, seed=0)
+    b, _, _ = batch_at(data, 3, 16, seed=0)
+    assert torch.equal(a, b) and a.shape == (16, 3, 32, 32)
+
+
+def test_xflip_mirrors_about_half_the_batch_and_nothing_else(rgb32):
+    data = dataset(DataConfig(name="prepared", path=str(rgb32))).load("train")
+    plain, _, _ = batch_at(data, 0, 64, seed=0)
+    flipped, _, _ = batch_at(data, 0, 64, seed=0, xflip=True)
+    mirrored = [torch.equal(f, p.flip(-1)) and not torch.equal(f, p) for f, p in zip(flipped, plain)]
+    same = [torch.equal(f, p) for f, p in zip(flipped, plain)]
+    assert all(m or s for m, s in zip(mirrored, same)) and 16 < sum(mirrored) < 48
+
+
+@pytest.mark.parametrize("side, channels, want", [
+    (16, 1, ([32, 64], 64)), (28, 1, ([32, 64, 128], 64)), (32, 3, ([64, 128, 256], 64)),
+    (64, 3, ([64, 128, 256, 256], 32)), (256, 3, ([64, 128, 256, 256, 256, 256], 8))])
+def test_the_net_is_sized_by_the_rule_for_every_resolution(tmp_path, side, channels, want):
+    images = np.zeros((4, side, side, channels), np.uint8)
+    ds = dataset(DataConfig(name="prepared", path=str(write_data_dir(tmp_path / "d", images, heldout=0.5))))
+    overrides = sized_for(ds)
+    assert overrides[0] == f"model.channels={want[0]}" and overrides[2] == f"train.batch={want[1]}"
+    config = load_config("fmnist", overrides=["data.name='prepared'", f"data.path='{tmp_path / 'd'}'", "train.fd_kimg=0",
+                                              *overrides])
+    net = build_net(config.model, ds)
+    x = torch.zeros(1, channels, side, side)
+    assert net(x, torch.zeros(1), torch.full((1,), -1)).shape == x.shape
+
+
+@pytest.mark.parametrize("kind", ["label", "none", "vector", "image"])
+def test_train_sample_and_grid_on_every_kind_of_condition(tmp_path, kind):
+    images, labels = squares(96, 16, 3 if kind != "none" else 1, seed=1)
+    extra = {"label": {"labels": labels}, "none": {},
+             "vector": {"vectors": np.eye(3)[labels] + 0.1},
+             "image": {"conditions": images[:, ::2, ::2].mean(-1, keepdims=True).astype(np.uint8)}}[kind]
+    data_dir = write_data_dir(tmp_path / "data", images, **extra)
+    run = api.train(None, tmp_path / "run", TINY, data=data_dir, device="cpu", log=lambda *a: None)
+    config = load_config(None, run / "config.toml")
+    assert config.data.path == str(data_dir.resolve()) and config.data.name == "prepared"
+    model = api.load(run)
+    samples = model.sample(6, seed=0, steps=2)
+    assert samples.images.shape == (6, 16, 16, images.shape[3]) and samples.images.dtype == np.uint8
+    assert list((run / "samples").glob("*.png"))
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    probed = [e for e in events if e["event"] == "probe"]
+    assert bool(probed) == (kind == "label")  # the probe reads class labels
+    if kind == "image":
+        assert model.dataset.cond_shape == (1, 8, 8)
+
+
+def test_the_command_line_trains_and_samples_a_prepared_folder(tmp_path, rgb32, capsys):
+    run = tmp_path / "run"
+    args = [a for kv in TINY for a in ("--set", kv)]
+    assert main(["train", "--data", str(rgb32), "--out", str(run), *args]) == 0
+    assert main(["sample", str(run), "--n", "6", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--grid", str(tmp_path / "s.png")]) == 0
+    with np.load(tmp_path / "s.npz") as f:
+        assert f["images"].shape == (6, 32, 32, 3) and f["labels"].tolist() == [0, 1, 2, 0, 1, 2]
+    assert (tmp_path / "s.png").stat().st_size > 0
