@@ -110,6 +110,7 @@ def test_memmap_and_dispatch_agree(labelled):
     direct = evaluate_prepared(root, np.array(images))
     assert evaluate_prepared(root, images) == pytest.approx(direct)
     assert evaluate_features(str(root), images) == pytest.approx(direct)
+    assert evaluate_prepared(root, images, across_ranks=True) == pytest.approx(direct)  # one rank: the same sums
     assert fd_name(str(root)) == "FD-shapes" and fd_name("fmnist") == "FD-FMNIST"
 
 

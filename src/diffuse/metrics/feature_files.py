@@ -148,8 +148,12 @@ def load_reference(data_dir: Path, meta: dict) -> FeatureStats:
 def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
     """write(tmp) to a temporary name beside `path`, flushed to disk; returns tmp, for `publish`."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    fsync_path(tmp)
+    try:
+        write(tmp)
+        fsync_path(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write leaves no half file
+        raise
     return tmp
 
 
