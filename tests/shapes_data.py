@@ -1,0 +1,53 @@
+"""A small synthetic prepared data set for the FD tests: coloured shapes on a lit, noisy background.
+
+Written in the prepared-data layout (data.json, images.npy, labels.npy, heldout.npy) with numpy
+alone, so the tests do not depend on the data preparation code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CLASSES = ("square", "disc", "triangle", "tee")
+COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [230, 210, 40]])  # one per class
+
+
+def shapes(n: int, seed: int, resolution: int = 16, classes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images (n, R, R, 3), int64 labels (n,)): a shape of its class at a random place and size
+    on a background that is lighter at the top (so images have an up) with pixel noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(CLASSES), n) if classes is None else rng.choice(classes, n)
+    r = resolution
+    yy, xx = np.mgrid[0:r, 0:r].astype(np.float64)
+    cy, cx = (rng.uniform(0.3 * r, 0.7 * r, (2, n, 1, 1)))
+    s = rng.uniform(0.18 * r, 0.32 * r, (n, 1, 1))
+    dy, dx = yy - cy, xx - cx
+    masks = np.stack([
+        (np.abs(dx) <= s) & (np.abs(dy) <= s),                             # square
+        dx ** 2 + dy ** 2 <= s ** 2,                                        # disc
+        (np.abs(dy) <= s) & (np.abs(dx) <= (dy + s) / 2),                   # triangle, point up
+        ((np.abs(dy + s * 0.8) <= 1) & (np.abs(dx) <= s)) | ((np.abs(dx) <= 1) & (np.abs(dy) <= s)),  # T
+    ])[labels, np.arange(n)]                                               # (n, R, R)
+    background = rng.uniform(30, 90, (n, 1, 1, 1)) + 60 * (1 - yy / r)[None, :, :, None]
+    colour = COLOURS[labels][:, None, None, :] + rng.uniform(-30, 30, (n, 1, 1, 3))
+    x = np.where(masks[..., None], colour, background) + rng.normal(0, 10, (n, r, r, 3))
+    return np.clip(np.round(x), 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def write_prepared(root: Path, images: np.ndarray, labels: np.ndarray | None, heldout: int, name: str) -> Path:
+    """Write images (N, R, R, C) (and labels) as a prepared data set with the last `heldout` held out."""
+    root.mkdir(parents=True, exist_ok=True)
+    n, r, _, c = images.shape
+    np.save(root / "images.npy", images)
+    if labels is not None:
+        np.save(root / "labels.npy", labels)
+    np.save(root / "heldout.npy", np.arange(n - heldout, n, dtype=np.int64))
+    meta = {"format": "diffuse-data", "version": 1, "name": name, "count": n, "resolution": r, "channels": c,
+            "condition": "label" if labels is not None else "none",
+            "classes": list(CLASSES) if labels is not None else None,
+            "mean": float(images.mean() / 255), "std": float(images.std() / 255)}
+    (root / "data.json").write_text(json.dumps(meta))
+    return root
