@@ -53,7 +53,7 @@ def image_distillation(preset: str, precision: str = "fp32", live_output: bool =
             for p in teacher.parameters():
                 if p.ndim > 1 and not p.any():
                     p.normal_(0, 0.05)
-    dist = D.start_distillation(teacher, config, data.x[:1], data.cond[:1])
+    dist = D.start_distillation(teacher, config, *data.first(1)[:2])
     x_real, cond, _ = batch_at(data, 0, 8, 0)
     return config, dist, x_real, cond
 

@@ -102,7 +102,7 @@ def test_uncertainty_weighting_trains_the_logvar_head_and_uniform_does_not():
         denoiser = build_denoiser(config)
         before = {k: v.clone() for k, v in denoiser.net.state_dict().items() if k.startswith("logvar")}
         optimizer = torch.optim.Adam(denoiser.parameters(), lr=1e-2)
-        train_step(training_loss(denoiser, config), optimizer, data.x[:16], data.cond[:16], 1e-2, config, seed=0)
+        train_step(training_loss(denoiser, config), optimizer, *data.first(16)[:2], 1e-2, config, seed=0)
         after = denoiser.net.state_dict()
         moved[weighting] = any(not before[k].equal(after[k]) for k in before)
     assert moved == {"uncertainty": True, "uniform": False}

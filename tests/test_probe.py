@@ -58,7 +58,8 @@ def test_probe_learns_a_linearly_readable_class_and_counts_progressively():
     # The blobs are 4 apart with unit std; at t = 0.5 (x_t = x0/2 + eps/2) the class means are
     # +-1 with std sqrt(1/2), a Bayes accuracy of Phi(sqrt(2)) = 0.92: the probe must get close.
     assert last["accuracy"] > 0.85
-    baseline = fit_baseline(denoiser, x, y, y, 2, probe.t, seed=0, n_fit=2048, n_test=1024)
+    baseline = fit_baseline(denoiser, (x[:2048], y[:2048], y[:2048]), (x[-1024:], y[-1024:], y[-1024:]), 2, probe.t,
+                            seed=0)
     assert baseline > 0.85
 
 

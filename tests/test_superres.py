@@ -129,13 +129,14 @@ def test_superres_needs_fashion_mnist():
 def test_condition_is_the_4x4_block_mean_of_the_scaled_image():
     data = dataset(DataConfig(task="superres", factor=4)).load("train")
     images, labels = load_fmnist("train")
-    assert data.cond.shape == (60000, 1, 7, 7) and torch.equal(data.y, labels)
     k = 123
+    _, cond, y = data.take(torch.tensor([k]))
+    assert len(data) == 60000 and cond.shape == (1, 1, 7, 7) and torch.equal(data.y, labels) and y == labels[k]
     pixels = images[k, :, :, 0].double() / 255
     for i, j in [(0, 0), (3, 2), (6, 6), (2, 5)]:
         block = [pixels[4 * i + a, 4 * j + b].item() for a in range(4) for b in range(4)]
         expected = (sum(block) / 16 - data.scaling.mean) / data.scaling.std
-        assert abs(data.cond[k, 0, i, j].item() - expected) < 1e-5
+        assert abs(cond[0, 0, i, j].item() - expected) < 1e-5
 
 
 def test_eval_conditions_are_the_low_res_test_images_cycling():

@@ -145,7 +145,9 @@ def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = No
     model = measured_model(source, n, ema, device)
     ds = model.dataset
     if ds.features is None:
-        raise UserError(f"{source} is a {ds.name} run, which has no feature network to measure an FD in.")
+        hint = (f"; train one with `diffuse data features {model.config.data.path}`" if model.config.data.path
+                else "")
+        raise UserError(f"{source} is a {ds.name} run, which has no feature network to measure an FD in{hint}.")
     drawn = draw_from_run(model, n, progress, settings)
     if not distributed.is_main():  # every rank sampled its block; rank 0 measures
         return {}

@@ -88,9 +88,10 @@ def add_sampling_commands(sub) -> None:
     p.add_argument("--n", "--num-samples", dest="n", type=int,
                    help="samples drawn from a run (default: its sample.n_eval); --num-samples under torchrun")
     add_sampler_flags(p)
-    p.add_argument("--features", choices=("fmnist", "inception"), default="fmnist",
-                   help="fmnist: FD-FMNIST and class accuracy; inception: FID against --ref (extra install: "
-                        "bash scripts/setup.sh fid)")
+    p.add_argument("--features", default="fmnist", metavar="fmnist|inception|DATA_DIR",
+                   help="of a samples .npz (a run is measured in its data set's own): fmnist: FD-FMNIST and class "
+                        "accuracy; DATA_DIR: FD in a prepared data set's own feature net; inception: FID against "
+                        "--ref (extra install: bash scripts/setup.sh fid)")
     p.add_argument("--ref", metavar="STATS.npz", help="inception: the reference statistics (EDM's .npz: mu, sigma)")
     p.add_argument("--write-ref", metavar="STATS.npz",
                    help="inception: write the source's statistics as a reference .npz instead of measuring")
@@ -215,7 +216,7 @@ def cmd_eval(args) -> None:
     if args.features == "inception":
         return cmd_fid(args)
     if args.ref or args.write_ref:
-        raise UserError("--ref and --write-ref are for --features inception; FD-FMNIST has its own reference.")
+        raise UserError("--ref and --write-ref are for --features inception; an FD's feature net has its own reference.")
     result = api.evaluate(args.source, args.n, ema=args.ema, features=args.features, device=args.device,
                           progress=progress(), **sampler_flags(args))
     if not result:  # a rank other than 0
@@ -225,7 +226,7 @@ def cmd_eval(args) -> None:
         return
     acc = "n/a" if result["accuracy"] is None else f"{result['accuracy']:.3f}"
     name = fd_name(result["features"])
-    print(f"{name} {result['fd']:.3f} over {result['n']} samples (reference {result['n_ref']} test images); "
+    print(f"{name} {result['fd']:.3f} over {result['n']} samples (reference {result['n_ref']} held-out images); "
           f"class accuracy {acc}")
     if "consistency" in result:
         print(f"super-resolution: consistency RMSE {result['consistency']:.4f} (against other images' "
