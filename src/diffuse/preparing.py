@@ -172,7 +172,7 @@ def shrink(path: Path, k: int) -> None:
     part = path.with_name("part-" + path.name)
     small = np.lib.format.open_memmap(part, "w+", big.dtype, (k, *big.shape[1:]))
     for i in range(0, k, 1024):
-        small[i:i + 1024] = big[i:i + 1024]
+        small[i:i + 1024] = big[i:min(i + 1024, k)]
     small.flush()
     del big, small
     part.replace(path)
