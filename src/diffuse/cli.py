@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import sys
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from diffuse import api, distributed
+from diffuse import api, distributed, preparing
 from diffuse.bench import format_report, run_bench
 from diffuse.config import load_config
 from diffuse.diagnostics import EARLY_STEPS, doctor_report, format_table
 from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.metrics.features import fd_name
+from diffuse.prepared import verify_prepared
 from diffuse.process import SPACINGS
 from diffuse.sampling import SAMPLERS
 
@@ -64,8 +66,36 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (re-running resumes it)")
     p.set_defaults(run=cmd_train)
     add_sampling_commands(sub)
+    add_data_commands(sub)
     add_other_commands(sub)
     return parser
+
+
+def add_data_commands(sub) -> None:
+    """data prepare and data verify: a user's own images, converted once into DATA_DIR."""
+    data = sub.add_parser("data", help="prepare your own images into a DATA_DIR, or verify one")
+    group = data.add_subparsers(dest="data_command", parser_class=ArgumentParser, required=True)
+    p = group.add_parser("prepare", help="convert a folder, CIFAR tarball, IDX folder, .npy/.npz or Hugging Face "
+                                         "data set into DATA_DIR")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="the data; two folders: conditions, then targets")
+    p.add_argument("--out", required=True, help="DATA_DIR: a new path, an empty folder, or a DATA_DIR to replace")
+    p.add_argument("--resolution", type=int, help="R, 16..256: shorter side to R, centre crop (default: the "
+                                                  "images' own size where all are square and equal)")
+    p.add_argument("--channels", type=int, choices=(1, 3), help="default: 1 when every image is grey, else 3")
+    p.add_argument("--crop", choices=("center", "refuse"), default="center", help="refuse: non-square images are an error")
+    p.add_argument("--cond-resolution", type=int, help="paired data: the conditions' size (default: R)")
+    p.add_argument("--cond-channels", type=int, choices=(1, 3), help="paired data: the conditions' channels")
+    p.add_argument("--labels", help="a label file (default: dataset.json or labels.csv in the folder)")
+    p.add_argument("--limit", type=int, help="only the first N examples, in sorted order")
+    p.add_argument("--heldout", type=float, default=0.1, help="held-out fraction where the source has no test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    p.add_argument("--name", help="the data set's name (default: the source's folder or file name)")
+    p.add_argument("--image-column", help="Hugging Face: the image column (default: the first Image)")
+    p.add_argument("--label-column", help="Hugging Face: the label column (default: the first ClassLabel)")
+    p.set_defaults(run=cmd_data_prepare)
+    p = group.add_parser("verify", help="check a DATA_DIR: every field, header and SHA-256")
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.set_defaults(run=cmd_data_verify)
 
 
 def add_sampling_commands(sub) -> None:
@@ -275,6 +305,17 @@ def cmd_ema(args) -> None:
         print(f"best sigma_rel {best['sigma_rel']:g} (FD {best['fd']:.3f}); the run tracked "
               f"{sweep['tracked_sigma_rel']:g}; wrote {Path(args.run_dir) / 'ema_sweep.json'}, ema_sweep.svg and "
               "the report's post-hoc EMA section")
+
+
+def cmd_data_prepare(args) -> None:
+    names = [f.name for f in dataclasses.fields(preparing.PrepareOptions)]
+    preparing.prepare(args.sources, args.out, preparing.PrepareOptions(**{k: getattr(args, k) for k in names}))
+
+
+def cmd_data_verify(args) -> None:
+    prepared = verify_prepared(args.data_dir)
+    print(f"{prepared.path}: {len(prepared.images)} images of {prepared.resolution}x{prepared.resolution}x"
+          f"{prepared.channels}, condition {prepared.condition}; every file matches its SHA-256")
 
 
 def cmd_doctor(args) -> int:

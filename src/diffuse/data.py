@@ -110,15 +110,16 @@ def _download_checked(url: str, path: Path, sha256: str) -> None:
     tmp.rename(path)
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """An IDX file (optionally gzipped) as a numpy array: magic 0x0000 08 nd, then nd big-endian sizes."""
+def read_idx(path: Path, fix: str = "point DIFFUSE_FMNIST_DIR at the four Fashion-MNIST .gz files") -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array: magic 0x0000 08 nd, then nd big-endian sizes.
+    `fix` ends the sentence of a file that cannot be read."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile and a truncated stream among them
         raise UserError(f"{path} cannot be read as {'a gzipped ' if path.suffix == '.gz' else 'an '}IDX file "
-                        f"({e}); point DIFFUSE_FMNIST_DIR at the four Fashion-MNIST .gz files.") from None
+                        f"({e}); {fix}.") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise UserError(f"{path} is not an unsigned-byte IDX file.")
     ndim = data[3]
