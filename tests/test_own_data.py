@@ -12,6 +12,8 @@ from diffuse.cli import main
 from diffuse.config import DataConfig, load_config
 from diffuse.data import dataset
 from diffuse.nets import build_net, sized_for
+from diffuse.preparing import PrepareOptions, prepare
+from diffuse.prepared import open_prepared
 from diffuse.run import batch_at
 
 TINY = ["train.kimg=0.256", "train.batch=16", "train.threads=1", "train.log_kimg=0.128", "train.grid_kimg=0.256",
@@ -36,27 +38,12 @@ def squares(n: int, side: int, channels: int, seed: int = 0) -> tuple[np.ndarray
 
 
 def write_data_dir(path, images, labels=None, vectors=None, conditions=None, heldout=0.2, name="squares"):
-    """A DATA_DIR as `diffuse data prepare` writes it (the arrays and the fields of data.json read here)."""
-    path.mkdir(parents=True)
-    n = len(images)
-    np.save(path / "images.npy", images)
-    condition = "none"
-    if labels is not None:
-        np.save(path / "labels.npy", labels.astype(np.int64))
-        condition = "label"
-    if vectors is not None:
-        np.save(path / "vectors.npy", vectors.astype(np.float32))
-        condition = "vector"
-    if conditions is not None:
-        np.save(path / "conditions.npy", conditions)
-        condition = "image"
-    np.save(path / "heldout.npy", np.arange(n - int(n * heldout), n, dtype=np.int64))
-    x = images.astype(np.float64) / 255
-    meta = {"format": "diffuse-data", "version": 1, "name": name, "count": n, "resolution": images.shape[1],
-            "channels": images.shape[3], "condition": condition, "heldout": int(n * heldout), "seed": 0,
-            "classes": [str(k) for k in range(int(labels.max()) + 1)] if labels is not None else None,
-            "mean": float(x.mean()), "std": float(x.std())}
-    (path / "data.json").write_text(json.dumps(meta))
+    """A DATA_DIR made by `diffuse data prepare` from an .npz of the arrays."""
+    arrays = {k: v for k, v in {"labels": labels, "vectors": vectors, "conditions": conditions}.items()
+              if v is not None}
+    source = path.parent / f"{path.name}.npz"
+    np.savez(source, images=images, **arrays)
+    prepare([source], path, PrepareOptions(heldout=heldout, name=name), log=lambda *a: None)
     return path
 
 
@@ -73,11 +60,12 @@ def test_the_dataset_record_of_a_prepared_folder(rgb32):
     train, held = ds.read("train"), ds.read("test")
     assert (len(train), len(held)) == (128, 32)
     images, labels = squares(160, 32, 3)
-    data = ds.load("train")
-    x0, cond, y = data.take(torch.tensor([5, 0, 127]))
-    want = torch.from_numpy(images[[5, 0, 127]]).permute(0, 3, 1, 2).double() / 255
+    rows = open_prepared(rgb32).train_index[[5, 0, 127]]  # the training split's rows of the array
+    x0, cond, y = ds.load("train").take(torch.tensor([5, 0, 127]))
+    want = torch.from_numpy(images[rows]).permute(0, 3, 1, 2).double() / 255
     assert torch.allclose(x0.double(), (want - ds.stats.mean) / ds.stats.std, atol=1e-5)
-    assert torch.equal(cond, torch.from_numpy(labels[[5, 0, 127]])) and torch.equal(y, cond)
+    assert torch.equal(cond, torch.from_numpy(labels[rows])) and torch.equal(y, cond)
+    assert abs(ds.stats.mean - images.mean() / 255) < 1e-6
 
 
 def test_the_images_are_read_a_batch_at_a_time_from_the_memory_map(rgb32):
@@ -130,7 +118,7 @@ def test_train_sample_and_grid_on_every_kind_of_condition(tmp_path, kind):
     probed = [e for e in events if e["event"] == "probe"]
     assert bool(probed) == (kind == "label")  # the probe reads class labels
     if kind == "image":
-        assert model.dataset.cond_shape == (1, 8, 8)
+        assert model.dataset.cond_shape == (1, 16, 16)  # prepare brings the conditions to R (--cond-resolution)
 
 
 def test_the_command_line_trains_and_samples_a_prepared_folder(tmp_path, rgb32, capsys):
