@@ -19,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffuse.metrics.feature_files import open_arrays, read_data_meta
 from diffuse.metrics.planted import gaussian_blur, uniform_noise
 from diffuse.metrics.prepared_fd import evaluate_prepared, prepared_fd_name
+from diffuse.prepared import open_prepared
 
 
 def planted_sets(data_dir: Path, n: int, seed: int) -> dict:
     """{row name: (uint8 images (n', R, R, C), labels (n',) or None)} drawn from the training split."""
-    meta = read_data_meta(data_dir)
-    images, labels, heldout = open_arrays(data_dir, meta)
+    prepared = open_prepared(data_dir)
+    meta, images, train = prepared.meta, prepared.images, prepared.train_index
+    labels = None if prepared.labels is None else np.asarray(prepared.labels)
     rng = np.random.default_rng(seed)
-    train = np.setdiff1d(np.arange(meta["count"]), heldout)
     pick = np.sort(rng.choice(train, min(n, len(train)), replace=False))
     real = np.array(images[pick])  # only these n images are read from the memmap
     sets = {"real (training split)": (real, None if labels is None else labels[pick]),

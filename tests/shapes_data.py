@@ -1,15 +1,15 @@
 """A small synthetic prepared data set for the FD tests: coloured shapes on a lit, noisy background.
 
-Written in the prepared-data layout (data.json, images.npy, labels.npy, heldout.npy) with numpy
-alone, so the tests do not depend on the data preparation code.
+Written by the data preparation code (`diffuse.preparing.prepare`) from an .npz, as a user would.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+
+from diffuse.preparing import PrepareOptions, prepare
 
 CLASSES = ("square", "disc", "triangle", "tee")
 COLOURS = np.array([[220, 40, 40], [40, 200, 60], [50, 80, 230], [230, 210, 40]])  # one per class
@@ -38,16 +38,9 @@ def shapes(n: int, seed: int, resolution: int = 16, classes: np.ndarray | None =
 
 
 def write_prepared(root: Path, images: np.ndarray, labels: np.ndarray | None, heldout: int, name: str) -> Path:
-    """Write images (N, R, R, C) (and labels) as a prepared data set with the last `heldout` held out."""
-    root.mkdir(parents=True, exist_ok=True)
-    n, r, _, c = images.shape
-    np.save(root / "images.npy", images)
-    if labels is not None:
-        np.save(root / "labels.npy", labels)
-    np.save(root / "heldout.npy", np.arange(n - heldout, n, dtype=np.int64))
-    meta = {"format": "diffuse-data", "version": 1, "name": name, "count": n, "resolution": r, "channels": c,
-            "condition": "label" if labels is not None else "none",
-            "classes": list(CLASSES) if labels is not None else None,
-            "mean": float(images.mean() / 255), "std": float(images.std() / 255)}
-    (root / "data.json").write_text(json.dumps(meta))
-    return root
+    """Images (N, R, R, C) (and labels) as a DATA_DIR made by `diffuse data prepare` from an .npz,
+    with `heldout` of them held out."""
+    source = root.parent / f"{root.name}-{name}.npz"
+    np.savez(source, images=images, **({} if labels is None else {"labels": labels}))
+    prepare([source], root / name, PrepareOptions(heldout=heldout / len(images), name=name), log=lambda *a: None)
+    return root / name

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffuse.prepared import open_prepared, verify_prepared
+from diffuse.prepared import verify_prepared
 from diffuse.preparing import PrepareOptions, prepare
 
 RNG = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import numpy as np
 
 from diffuse.data import read_idx
 from diffuse.errors import UserError
-from diffuse.sources import Row, Source, load_image, why
+from diffuse.sources import Row, Source, why
 
 MAX_MEMBER = 512 << 20  # CIFAR-100's train pickle is 155 MB
 CHUNK = 16 << 20        # bytes read at a time from an array

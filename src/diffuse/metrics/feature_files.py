@@ -1,9 +1,6 @@
-"""The files of a prepared data set that its FD reads and writes, each checked before use.
+"""The files of a prepared data set's feature net, each checked before use (the data set's own
+files, data.json and the arrays, are `diffuse.prepared`'s):
 
-    DATA_DIR/data.json            the data set (written by the data preparation): name, count, resolution, ...
-    DATA_DIR/images.npy           uint8 (N, R, R, C), read through a memmap
-    DATA_DIR/labels.npy           int64 (N,) in [0, K), only for condition "label"
-    DATA_DIR/heldout.npy          int64 (M,), sorted unique indices: the held-out split
     DATA_DIR/features.safetensors the feature net's weights              } written by
     DATA_DIR/features.json        how it was trained, and the SHA-256s  } `metrics.feature_train`
     DATA_DIR/reference.npz        mu (D,), sigma (D, D), n of the held-out split's features (EDM's layout)
@@ -28,7 +25,6 @@ from diffuse.metrics.fd import FeatureStats
 
 JSON_LIMIT = 1 << 20  # bytes; a data.json or features.json is a few hundred
 TRAIN_HINT = "run the feature training: `diffuse data features DATA_DIR` (diffuse.metrics.feature_train.train_feature_net)"
-CONDITIONS = ("none", "label", "vector", "image")
 METHODS = ("classifier", "rotation")
 FEATURE_DIM = 128
 
@@ -45,17 +41,11 @@ def _is_sha(v) -> bool:
     return isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) is not None
 
 
-# key: (check, what it must be). Shared by both JSON files; each lists the keys it needs.
+# key: (check, what it must be), for the fields of features.json.
 RULES: dict[str, tuple[Callable, str]] = {
     "version": (lambda v: _is_int(v) and v == 1, "1"),
-    "name": (lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", v) is not None,
-             "a name of letters, digits, '.', '_' or '-' (at most 64)"),
-    "count": (lambda v: _is_int(v) and v >= 3, "an integer >= 3"),
     "resolution": (lambda v: _is_int(v) and 16 <= v <= 256, "an integer in 16..256"),
     "channels": (lambda v: _is_int(v) and v in (1, 3), "1 or 3"),
-    "condition": (lambda v: v in CONDITIONS, " or ".join(f'"{c}"' for c in CONDITIONS)),
-    "classes": (lambda v: v is None or isinstance(v, list) and 2 <= len(v) <= 100_000
-                and all(isinstance(c, str) for c in v), "null or a list of 2 or more class names"),
     "mean": (lambda v: _is_real(v) and 0 <= v <= 1, "a number in [0, 1] (pixel units)"),
     "std": (lambda v: _is_real(v) and 0 < v <= 1, "a number in (0, 1] (pixel units)"),
     "method": (lambda v: v in METHODS, '"classifier" or "rotation"'),
@@ -69,7 +59,6 @@ RULES: dict[str, tuple[Callable, str]] = {
     "sha256": (_is_sha, "64 lowercase hex digits"),
     "reference_sha256": (_is_sha, "64 lowercase hex digits"),
 }
-DATA_KEYS = ("version", "name", "count", "resolution", "channels", "condition", "classes", "mean", "std")
 FEATURE_KEYS = ("version", "method", "outputs", "channels", "resolution", "mean", "std", "feature_dim",
                 "kimg", "batch", "seed", "seconds", "accuracy", "sha256", "reference_sha256")
 
@@ -92,16 +81,6 @@ def _read_json(path: Path, fmt: str, keys: tuple[str, ...], fix: str) -> dict:
             raise UserError(f"{path} has no \"{key}\" (it must be {what}); {fix}.")
         if not check(meta[key]):
             raise UserError(f"{path} has \"{key}\": {json.dumps(meta[key])[:80]}, which must be {what}; {fix}.")
-    return meta
-
-
-def read_data_meta(data_dir: Path) -> dict:
-    """data.json of a prepared data set, its fields checked; "classes" is a list where condition is "label"."""
-    fix = "prepare the data set again"
-    meta = _read_json(Path(data_dir) / "data.json", "diffuse-data", DATA_KEYS, fix)
-    if (meta["condition"] == "label") != (meta["classes"] is not None):
-        raise UserError(f"{Path(data_dir) / 'data.json'} must list \"classes\" exactly where \"condition\" is "
-                        f"\"label\"; {fix}.")
     return meta
 
 
@@ -164,32 +143,3 @@ def publish(pairs: list[tuple[Path, Path]]) -> None:
     fsync_path(pairs[-1][1].parent)
 
 
-def _open_npy(path: Path, dtype, shape: tuple[int | None, ...], fix: str) -> np.ndarray:
-    """The memmap of a .npy file of this dtype and shape (None: any length); UserError otherwise."""
-    if not path.is_file():
-        raise UserError(f"{path} is missing; {fix}.")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npy file ({type(e).__name__}); {fix}.") from None
-    if array.dtype != dtype or len(array.shape) != len(shape) or any(
-            want is not None and got != want for got, want in zip(array.shape, shape)):
-        want = ", ".join("M" if w is None else str(w) for w in shape)
-        raise UserError(f"{path} holds {array.dtype} {array.shape} where {np.dtype(dtype)} ({want}) is needed; {fix}.")
-    return array
-
-
-def open_arrays(data_dir: Path, meta: dict) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """(images uint8 (N, R, R, C) memmap, labels int64 (N,) or None, held-out indices int64 (M,)), checked."""
-    data_dir, fix = Path(data_dir), "prepare the data set again"
-    n, r, c = meta["count"], meta["resolution"], meta["channels"]
-    images = _open_npy(data_dir / "images.npy", np.uint8, (n, r, r, c), fix)
-    labels = None
-    if meta["condition"] == "label":
-        labels = np.asarray(_open_npy(data_dir / "labels.npy", np.int64, (n,), fix))
-        if labels.min() < 0 or labels.max() >= len(meta["classes"]):
-            raise UserError(f"{data_dir / 'labels.npy'} has labels outside [0, {len(meta['classes'])}); {fix}.")
-    heldout = np.asarray(_open_npy(data_dir / "heldout.npy", np.int64, (None,), fix))
-    if len(heldout) < 2 or len(heldout) > n - 2 or heldout[0] < 0 or heldout[-1] >= n or (np.diff(heldout) <= 0).any():
-        raise UserError(f"{data_dir / 'heldout.npy'} must hold 2 to N - 2 sorted unique indices in [0, {n}); {fix}.")
-    return images, labels, heldout

@@ -34,8 +34,9 @@ from safetensors.torch import save_file
 
 from diffuse.files import sha256_file
 from diffuse.metrics.fd import FeatureStats
-from diffuse.metrics.feature_files import FEATURE_DIM, open_arrays, publish, read_data_meta, write_atomically
+from diffuse.metrics.feature_files import FEATURE_DIM, publish, write_atomically
 from diffuse.metrics.feature_net import FeatureNet, net_of_meta
+from diffuse.prepared import open_prepared
 
 CHUNK = 2000  # images read from the memmap at a time outside training
 
@@ -140,9 +141,9 @@ def train_feature_net(data_dir: str | Path, *, kimg: float = 200.0, batch: int =
     feature_dim, kimg, batch, seed, seconds, accuracy (held-out, of its own task), sha256, reference_sha256.
     """
     data_dir = Path(data_dir)
-    data = read_data_meta(data_dir)
-    images, labels, heldout = open_arrays(data_dir, data)
-    train = np.setdiff1d(np.arange(data["count"]), heldout)
+    prepared = open_prepared(data_dir)
+    data, images, heldout, train = prepared.meta, prepared.images, prepared.heldout, prepared.train_index
+    labels = None if prepared.labels is None else np.asarray(prepared.labels)
     method = "classifier" if labels is not None else "rotation"
     meta = {"format": "diffuse-features", "version": 1, "method": method,
             "outputs": len(data["classes"]) if labels is not None else 4, "channels": data["channels"],

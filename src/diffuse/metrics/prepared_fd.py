@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from diffuse.metrics.feature_fd import check_images, check_labels, fd_result
-from diffuse.metrics.feature_files import load_reference, read_data_meta, read_features_meta
+from diffuse.metrics.feature_files import load_reference, read_features_meta
 from diffuse.metrics.feature_net import load_feature_net
+from diffuse.prepared import read_meta
 
 
 def prepared_fd_name(data_dir: str | Path) -> str:
     """"FD-" + the data set's name in its data.json."""
-    return f"FD-{read_data_meta(Path(data_dir))['name']}"
+    return f"FD-{read_meta(Path(data_dir))['name']}"
 
 
 def evaluate_prepared(data_dir: str | Path, images: torch.Tensor | np.ndarray,
