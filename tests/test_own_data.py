@@ -130,3 +130,23 @@ def test_the_command_line_trains_and_samples_a_prepared_folder(tmp_path, rgb32, 
     with np.load(tmp_path / "s.npz") as f:
         assert f["images"].shape == (6, 32, 32, 3) and f["labels"].tolist() == [0, 1, 2, 0, 1, 2]
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_prepare_trains_the_feature_net_and_every_fd_is_named_for_the_data_set(tmp_path, capsys):
+    """data prepare -> features -> train with the in-training FD -> eval: FD-<name>, never FID."""
+    images, labels = squares(200, 16, 3, seed=2)
+    np.savez(tmp_path / "sq.npz", images=images, labels=labels)
+    data_dir = tmp_path / "data"
+    assert main(["data", "prepare", str(tmp_path / "sq.npz"), "--out", str(data_dir), "--name", "sq",
+                 "--heldout", "0.25", "--feature-kimg", "1", "--device", "cpu"]) == 0
+    meta = json.loads((data_dir / "features.json").read_text())
+    assert meta["method"] == "classifier" and meta["outputs"] == 3
+    run = tmp_path / "run"
+    fd = [k.replace("train.fd_kimg=0", "train.fd_kimg=0.256") for k in TINY] + ["train.fd_n=20", "train.fd_steps=2"]
+    api.train(None, run, fd, data=data_dir, device="cpu", log=lambda *a: None)
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e for e in events if e["event"] == "fd" and np.isfinite(e["fd"])]
+    capsys.readouterr()
+    assert main(["eval", str(run), "--n", "12", "--steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("FD-sq ") and "FID" not in out and "class accuracy" in out

@@ -32,11 +32,14 @@ from diffuse.distillation import student_config
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
 from diffuse.images import load_npz
+from diffuse.metrics.feature_train import train_feature_net
 from diffuse.metrics.features import evaluate_features, fd_name
 from diffuse.metrics.inception import fid, inception_stats, read_reference, write_reference
 from diffuse.metrics.superres import evaluate_superres
 from diffuse.model import SETTINGS, Model, Samples, checkpoint_at, load, pick_device  # noqa: F401 (the API's)
 from diffuse.nets import sized_for
+from diffuse.prepared import Prepared
+from diffuse.preparing import PrepareOptions, prepare
 from diffuse.report import ema_sweep_plot, write_report
 from diffuse.training import train as run_training
 
@@ -63,9 +66,36 @@ def with_data(config: str | Path | Config | None, overrides: Sequence[str] | Map
     chosen, ds = ["data.name='prepared'", f"data.path={str(path)!r}"], dataset(DataConfig("prepared", str(path)))
     if ds.features is None:  # no feature net trained on it yet: no FD while training
         chosen.append("train.fd_kimg=0")
+    if ds.condition == "none":  # nothing to guide by: one network pass per step
+        chosen.append("sample.cfg=1.0")
     if config is None:
         config, chosen = "fmnist", chosen + sized_for(ds)
     return config, chosen + items
+
+
+FEATURE_KIMG = 50.0  # the feature net's default training: one pass over a CIFAR-sized set (minutes on a CPU)
+
+
+def prepare_data(sources: Sequence[str | Path], out: str | Path, options: PrepareOptions = PrepareOptions(),
+                 feature_kimg: float = FEATURE_KIMG, *, device: str | torch.device | None = "auto", log=print
+                 ) -> Prepared:
+    """Prepare a user's data set into DATA_DIR `out` (`diffuse.preparing.prepare`), then train its own
+    feature net for its FD (`train_features`) unless feature_kimg is 0."""
+    if not 0 <= feature_kimg <= 100_000:
+        raise UserError(f"--feature-kimg {feature_kimg:g} must lie in 0..100000 (0: train the feature net later).")
+    prepared = prepare(sources, out, options, log=log)
+    if feature_kimg > 0:
+        train_features(out, feature_kimg, device=device, log=log)
+    return prepared
+
+
+def train_features(data_dir: str | Path, kimg: float = FEATURE_KIMG, *, device: str | torch.device | None = "auto",
+                   log=print) -> dict:
+    """Train DATA_DIR's feature net (a classifier on its labels, else rotation prediction) and its held-out
+    reference statistics, which every FD of the data set is measured in; returns features.json's fields."""
+    if not 0 < kimg <= 100_000:
+        raise UserError(f"--feature-kimg {kimg:g} must lie in (0, 100000].")
+    return train_feature_net(data_dir, kimg=kimg, device=pick_device(device), log=log)
 
 
 def _items(overrides: Sequence[str] | Mapping) -> list[str]:

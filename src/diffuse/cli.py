@@ -92,7 +92,12 @@ def add_data_commands(sub) -> None:
     p.add_argument("--name", help="the data set's name (default: the source's folder or file name)")
     p.add_argument("--image-column", help="Hugging Face: the image column (default: the first Image)")
     p.add_argument("--label-column", help="Hugging Face: the label column (default: the first ClassLabel)")
+    add_feature_flags(p, "then train the data set's FD feature net for this many thousand images (0: not now)")
     p.set_defaults(run=cmd_data_prepare)
+    p = group.add_parser("features", help="train (again) a DATA_DIR's own feature net, which its FD is measured in")
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    add_feature_flags(p, "thousands of training images (a classifier on the labels, else rotation prediction)")
+    p.set_defaults(run=cmd_data_features)
     p = group.add_parser("verify", help="check a DATA_DIR: every field, header and SHA-256")
     p.add_argument("data_dir", metavar="DATA_DIR")
     p.set_defaults(run=cmd_data_verify)
@@ -309,7 +314,17 @@ def cmd_ema(args) -> None:
 
 def cmd_data_prepare(args) -> None:
     names = [f.name for f in dataclasses.fields(preparing.PrepareOptions)]
-    preparing.prepare(args.sources, args.out, preparing.PrepareOptions(**{k: getattr(args, k) for k in names}))
+    api.prepare_data(args.sources, args.out, preparing.PrepareOptions(**{k: getattr(args, k) for k in names}),
+                     args.feature_kimg, device=args.device)
+
+
+def add_feature_flags(p: argparse.ArgumentParser, kimg_help: str) -> None:
+    p.add_argument("--feature-kimg", type=float, default=api.FEATURE_KIMG, help=kimg_help)
+    add_device_flag(p)
+
+
+def cmd_data_features(args) -> None:
+    api.train_features(args.data_dir, args.feature_kimg, device=args.device)
 
 
 def cmd_data_verify(args) -> None:
