@@ -150,3 +150,12 @@ def test_prepare_trains_the_feature_net_and_every_fd_is_named_for_the_data_set(t
     assert main(["eval", str(run), "--n", "12", "--steps", "2"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("FD-sq ") and "FID" not in out and "class accuracy" in out
+
+
+def test_rows_are_read_from_the_file_exactly_as_numpy_indexes_them(rgb32):
+    from diffuse.data import read_rows
+
+    images = np.load(rgb32 / "images.npy", mmap_mode="r")
+    rows = np.array([7, 3, 159, 0, 3])
+    assert np.array_equal(read_rows(images, rows), images[rows])
+    assert np.array_equal(read_rows(images[10:], rows), images[10:][rows])  # a view: numpy's own indexing

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import mmap
 import os
 import shutil
 import urllib.request
@@ -179,10 +180,24 @@ class Split:
         i = index.cpu().numpy() if self.rows is None else self.rows[index.cpu().numpy()]
         if torch.is_tensor(array):
             return array[torch.from_numpy(i).to(array.device)]
-        order = np.argsort(i, kind="stable")  # a memory map reads fastest front to back
-        out = np.empty((len(i), *array.shape[1:]), dtype=array.dtype)
-        out[order] = array[i[order]]
-        return torch.from_numpy(out)
+        return torch.from_numpy(read_rows(array, i))
+
+
+def read_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """array[rows] of a C-ordered array, read from its file where it is memory-mapped (a prepared data set).
+
+    A memory map's pages stay in the process's resident memory once touched, so a long run of random
+    batches would grow it towards the file's size; reading each row with os.pread keeps it at the
+    batch's size, whatever the size of the data set."""
+    if not (isinstance(array, np.memmap) and isinstance(array.base, mmap.mmap) and array.flags.c_contiguous):
+        return np.asarray(array[rows])  # in memory, or a view whose offset in the file the memmap does not track
+    row = array.dtype.itemsize * math.prod(array.shape[1:])
+    out = np.empty((len(rows), *array.shape[1:]), dtype=array.dtype)
+    with open(array.filename, "rb") as f:
+        for k, r in enumerate(rows.tolist()):
+            out[k] = np.frombuffer(os.pread(f.fileno(), row, array.offset + r * row), array.dtype).reshape(
+                array.shape[1:])
+    return out
 
 
 class TrainData:
