@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from diffuse.errors import UserError
+
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
@@ -23,3 +25,16 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_limited(path: Path, limit: int, what: str) -> str:
+    """The UTF-8 text of a file that may hold at most `limit` bytes; no more is ever read, so a huge
+    file or a device such as /dev/zero is refused at once instead of filling the memory."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{path} is over {limit >> 10} KiB, more than any {what} needs; give the right file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text, so it is no {what}; give the right file.") from None

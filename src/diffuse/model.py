@@ -9,7 +9,6 @@ writes for the same arguments and whose `denoiser` drives a sampler of your own.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from diffuse import distributed
-from diffuse.checkpoint import load_denoiser, resolve_checkpoint, verify
+from diffuse.checkpoint import load_checkpoint, load_denoiser, resolve_checkpoint, verify
 from diffuse.config import Config, validate
 from diffuse.data import Dataset, Scaling, dataset
 from diffuse.denoiser import Denoiser
@@ -215,6 +214,6 @@ def checkpoint_at(run_dir: Path, kimg: float | None) -> Path:
     if kimg is None:
         return resolve_checkpoint(run_dir)
     for path in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
-        if verify(path) is None and json.loads((path / "state.json").read_text())["nimg"] == round(kimg * 1000):
+        if verify(path) is None and load_checkpoint(path)[2]["nimg"] == round(kimg * 1000):
             return path
     raise UserError(f"{run_dir} has no whole checkpoint at {kimg:g} kimg; leave out --at for the newest.")
