@@ -6,6 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
 from diffuse.errors import UserError
 
 
@@ -38,3 +40,15 @@ def read_limited(path: Path, limit: int, what: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text, so it is no {what}; give the right file.") from None
+
+
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, Fortran order, dtype, data offset) from the start of a .npy stream, or None where it has no
+    readable header; nothing past the header is read, so a header that lies costs no memory."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        return tuple(shape), fortran, dtype, f.tell()
+    except (ValueError, SyntaxError, TypeError, OSError, EOFError):  # numpy's kinds of complaint on a broken header
+        return None
