@@ -171,11 +171,11 @@ def emptied_manifest(c: Path):
 
 
 @pytest.mark.parametrize("tamper, message", [
-    (emptied_manifest, "ema.safetensors is not listed in"),
+    (emptied_manifest, "config.toml is not listed in"),
     (lambda c: (c / "extra.safetensors").write_bytes((c / "ema.safetensors").read_bytes()), "extra.safetensors is not listed"),
     (lambda c: ((c / "state.json").unlink(), (c / "state.json").symlink_to(c.parent / "step-0000008" / "state.json"),
                 remanifest(c)), "state.json is a link"),
-    (lambda c: ((c / "sub").mkdir(), remanifest(c)), "sub is a folder"),
+    (lambda c: (c / "sub").mkdir(), "sub is a folder"),
     (lambda c: rewrite_weights(c, "ema", lambda t: t * float("nan")), "not finite"),
     (lambda c: rewrite_weights(c, "ema", lambda t: t.double()), "where the config implies torch.float32"),
     (lambda c: rewrite_weights(c, "ema", lambda t: t[..., :1].contiguous()), "where the config implies"),

@@ -73,10 +73,12 @@ def write_checkpoint(final: Path, config: Config, tensors: dict[str, dict[str, t
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for p in tmp.iterdir():
             fsync_path(p)
-        if final.exists():  # a damaged checkpoint of this step: set it aside, then drop it once replaced
-            os.rename(final, root / f".tmp-damaged-{final.name}-{os.getpid()}")
+        aside = root / f".tmp-replaced-{final.name}-{os.getpid()}"
+        if final.exists():  # a damaged checkpoint of this step, or an EMA checkpoint to replace: set it aside
+            os.rename(final, aside)
         os.rename(tmp, final)
         fsync_path(root)
+        shutil.rmtree(aside, ignore_errors=True)  # then drop it, once its replacement is in place
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); free disk space or make "

@@ -42,6 +42,7 @@ from diffuse.ema import PHEMA_DIR, PowerEMA
 from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.lock import LOCK, run_lock
 from diffuse.metrics.probe import Probe
+from diffuse.outputs import RUN_MARK, check_run_out
 from diffuse.report import write_report
 from diffuse.seeding import derive_seed
 from diffuse.watching import timed, training_fd, write_grid
@@ -82,7 +83,10 @@ def silent(*args, **kwargs) -> None:
 
 def claimed(run_dir: Path, command: str):
     """The run directory's lock (`diffuse.lock`), held by rank 0, its one writer; nothing on other ranks."""
-    return run_lock(run_dir, command) if distributed.is_main() else nullcontext()
+    if distributed.is_main():
+        check_run_out(run_dir)  # before the lock, whose file would be the first thing written there
+        return run_lock(run_dir, command)
+    return nullcontext()
 
 
 def resume_config(run_dir: Path, config: Config) -> Config:
@@ -121,7 +125,7 @@ def write_config(run_dir: Path, config: Config) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.toml.tmp"
-        tmp.write_text(to_toml(config))
+        tmp.write_text(f"{RUN_MARK}\n{to_toml(config)}")
         tmp.replace(run_dir / "config.toml")
     except OSError as e:
         raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose a writable "
