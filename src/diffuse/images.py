@@ -67,8 +67,14 @@ class NpzWriter:
         os.replace(self.tmp, self.path)
 
     def __exit__(self, kind, error, trace):
-        if kind is not None:
+        if kind is None:
+            return
+        try:
+            self.member.close()  # a no-op where finish closed it
             self.zip.close()
+        except OSError:  # the disk that failed a write may fail these too; the temporary file goes anyway
+            pass
+        finally:
             self.tmp.unlink(missing_ok=True)
 
 

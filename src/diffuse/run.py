@@ -42,7 +42,7 @@ from diffuse.ema import PHEMA_DIR, PowerEMA
 from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.lock import LOCK, run_lock
 from diffuse.metrics.probe import Probe
-from diffuse.outputs import RUN_MARK, check_run_out
+from diffuse.outputs import MAX_EVENT_BYTES, RUN_MARK, check_run_out
 from diffuse.report import write_report
 from diffuse.seeding import derive_seed
 from diffuse.watching import timed, training_fd, write_grid
@@ -141,7 +141,7 @@ def trim_events(path: Path, nimg: int) -> None:
     """Drop the events logged after `nimg` images (and a torn last line), rewriting the file atomically."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
+    lines = list(event_lines(path))
     kept = [line for line in lines if event_kimg(line) is not None and event_kimg(line) <= nimg / 1000]
     if len(kept) < len(lines):
         tmp = path.with_name(path.name + ".tmp")
@@ -149,12 +149,24 @@ def trim_events(path: Path, nimg: int) -> None:
         tmp.replace(path)
 
 
+def event_lines(path: Path):
+    """The lines of metrics.jsonl without their newline; a line over MAX_EVENT_BYTES (no event is) as ''."""
+    with open(path, "rb") as f:
+        while line := f.readline(MAX_EVENT_BYTES + 1):
+            if len(line) > MAX_EVENT_BYTES:
+                while line and not line.endswith(b"\n"):  # skip the rest of it without holding it
+                    line = f.readline(MAX_EVENT_BYTES + 1)
+                yield ""
+                continue
+            yield line.decode("utf-8", errors="replace").rstrip("\n")
+
+
 def event_kimg(line: str) -> float | None:
     try:
         kimg = json.loads(line).get("kimg")
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return None
-    return kimg if isinstance(kimg, (int, float)) else None
+    return kimg if type(kimg) in (int, float) and math.isfinite(kimg) else None
 
 
 # ---------------------------------------------------------------------------------------------
