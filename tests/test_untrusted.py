@@ -111,11 +111,16 @@ def test_tampered_checkpoint_files_are_refused(run, tmp_path, capsys, tamper, me
     assert "Traceback" not in err and message in err
 
 
+def set_channels(checkpoint: Path, channels: str) -> None:
+    """model.channels changed in the checkpoint's config and its run's alike (the two must agree)."""
+    for path in (checkpoint / "config.toml", checkpoint.parents[1] / "config.toml"):
+        path.write_text(re.sub(r"channels = \[[^\]]*\]", f"channels = {channels}", path.read_text()))
+    remanifest(checkpoint)
+
+
 def test_weights_that_do_not_fit_the_config_are_refused(run, tmp_path, capsys):
     checkpoint = newest(run)
-    config = (checkpoint / "config.toml").read_text()
-    (checkpoint / "config.toml").write_text(re.sub(r"channels = \[[^\]]*\]", "channels = [16, 32]", config))
-    remanifest(checkpoint)
+    set_channels(checkpoint, "[16, 32]")
     code, _, err, _ = sample_cli(checkpoint, tmp_path, capsys)
     assert code == 2 and "do not fit the model its config describes" in err
 
@@ -146,3 +151,52 @@ def test_no_code_path_can_unpickle():
         for call in re.findall(r"np\.load\([^)]*\)", text):
             assert "allow_pickle=False" in call, f"{path}: {call}"
         assert not re.search(r"^\s*(import|from) (pickle|dill|cloudpickle)", text, re.M), path
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest covers its folder; the weights are the ones the config implies; the config is the run's.
+
+
+def rewrite_weights(checkpoint: Path, stem: str, change) -> None:
+    """Replace each tensor t of stem.safetensors by change(t) and re-manifest, as a deliberate tamperer would."""
+    from safetensors.torch import load_file, save_file
+    path = checkpoint / f"{stem}.safetensors"
+    save_file({k: change(v) for k, v in load_file(path).items()}, path)
+    remanifest(checkpoint)
+
+
+def emptied_manifest(c: Path):
+    (c / "ema.safetensors").write_bytes((c / "model.safetensors").read_bytes())  # other weights, no complaint before
+    (c / "manifest.json").write_text("{}")
+
+
+@pytest.mark.parametrize("tamper, message", [
+    (emptied_manifest, "config.toml is not listed in"),
+    (lambda c: (c / "extra.safetensors").write_bytes((c / "ema.safetensors").read_bytes()), "extra.safetensors is not listed"),
+    (lambda c: ((c / "state.json").unlink(), (c / "state.json").symlink_to(c.parent / "step-0000008" / "state.json"),
+                remanifest(c)), "state.json is a link"),
+    (lambda c: (c / "sub").mkdir(), "sub is a folder"),
+    (lambda c: rewrite_weights(c, "ema", lambda t: t * float("nan")), "not finite"),
+    (lambda c: rewrite_weights(c, "ema", lambda t: t.double()), "where the config implies torch.float32"),
+    (lambda c: rewrite_weights(c, "ema", lambda t: t[..., :1].contiguous()), "where the config implies"),
+    (lambda c: ((c / "state.json").write_text('{"step": 3, "nimg": true}'), remanifest(c)), "no images-seen count"),
+    (lambda c: set_channels(c, "[60000, 120000]"), "over the limit of"),
+])
+def test_a_checkpoint_must_be_exactly_what_its_manifest_and_config_say(run, tmp_path, capsys, tamper, message):
+    tamper(newest(run))
+    code, _, err, out = sample_cli(newest(run), tmp_path, capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert message in err and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_sample_and_eval_refuse_a_checkpoint_whose_config_is_not_its_runs(run, tmp_path, capsys, command):
+    checkpoint = newest(run)
+    (checkpoint / "config.toml").write_text(re.sub(r"seed = \d+", "seed = 7", (checkpoint / "config.toml").read_text()))
+    remanifest(checkpoint)
+    assert verify(checkpoint) is None
+    for source in (run, checkpoint):
+        argv = ["--n", "4", "--steps", "2"] + (["--out", str(tmp_path / "s.npz")] if command == "sample" else [])
+        code = main([command, str(source), *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and "train.seed differ" in err and "belongs to another run" in err, err

@@ -14,6 +14,7 @@ nothing here calls `sys.exit`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from diffuse import distributed
-from diffuse.checkpoint import load_checkpoint, load_denoiser, write_checkpoint
+from diffuse.checkpoint import check_run_config, load_checkpoint, load_denoiser, write_checkpoint
 from diffuse.config import Config, DataConfig, load_config, read_config, validate
 from diffuse.data import dataset
 from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, run_doctor, write_doctor_json
@@ -31,17 +32,22 @@ from diffuse.distillation import distill as run_distillation
 from diffuse.distillation import student_config
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
-from diffuse.images import load_npz
+from diffuse.images import MAX_SAMPLES, load_npz
+from diffuse.lock import run_lock
 from diffuse.metrics.feature_train import train_feature_net
 from diffuse.metrics.features import evaluate_features, fd_name
 from diffuse.metrics.inception import fid, inception_stats, read_reference, write_reference
 from diffuse.metrics.superres import evaluate_superres
 from diffuse.model import SETTINGS, Model, Samples, checkpoint_at, load, pick_device  # noqa: F401 (the API's)
 from diffuse.nets import sized_for
+from diffuse.outputs import check_checkpoint_out, check_file_out, check_run
 from diffuse.prepared import Prepared
 from diffuse.preparing import PrepareOptions, prepare
 from diffuse.report import ema_sweep_plot, write_report
 from diffuse.training import train as run_training
+
+SWEEP_FILES = ("ema_sweep.json", "ema_sweep.svg", "report.html")  # what `ema --sweep` writes into the run
+DOCTOR_FILES = ("doctor.json", "report.html")  # what `doctor --run` writes into the run
 
 
 def make_config(config: str | Path | Config | None = None, overrides: Sequence[str] | Mapping = ()) -> Config:
@@ -253,7 +259,10 @@ def post_hoc_ema(run_dir: str | Path, sigma_rel: float, out: str | Path, at: flo
     """Reconstruct the power-function EMA of length sigma_rel at the checkpoint at `at` kimg (default:
     the newest) into the checkpoint folder `out`, for `load`, `diffuse sample` and `diffuse eval`."""
     run_dir = Path(run_dir)
-    config, tensors, state = load_checkpoint(checkpoint_at(run_dir, at))
+    check_checkpoint_out(Path(out))
+    checkpoint = checkpoint_at(run_dir, at)
+    config, tensors, state = load_checkpoint(checkpoint)
+    check_run_config(checkpoint, config)
     if config.train.ema != "power":
         raise UserError(f"{run_dir} was trained with train.ema = \"{config.train.ema}\"; post-hoc EMA needs "
                         "\"power\".")
@@ -267,8 +276,17 @@ def ema_sweep(run_dir: str | Path, sigma_rels: Sequence[float], n: int = 2000, a
     """FD of n samples for each post-hoc EMA length; writes RUN_DIR/ema_sweep.json, ema_sweep.svg and the
     report's section, and returns the sweep (rows, best, the length the run tracked)."""
     run_dir = Path(run_dir)
-    if not isinstance(n, int) or n < 2:
-        raise UserError(f"--n {n} must be at least 2 to fit a covariance.")
+    if type(n) is not int or not 2 <= n <= MAX_SAMPLES:
+        raise UserError(f"--n {n} must be from 2 (to fit a covariance) to {MAX_SAMPLES}.")
+    check_run(run_dir, "RUN_DIR")
+    with run_lock(run_dir, "ema --sweep") if distributed.is_main() else contextlib.nullcontext():
+        for name in SWEEP_FILES:
+            check_file_out(run_dir / name, "RUN_DIR")
+        return _sweep(run_dir, sigma_rels, n, at, device, log, settings)
+
+
+def _sweep(run_dir: Path, sigma_rels: Sequence[float], n: int, at: float | None, device, log, settings: dict) -> dict:
+    """The sweep of `ema_sweep`, in a run directory whose lock it holds."""
     checkpoint, rows = checkpoint_at(run_dir, at), []
     for sigma_rel in sigma_rels:
         model = load(checkpoint, sigma_rel, device=device)
@@ -302,15 +320,18 @@ def doctor(config: str | Path | Config | None = None, overrides: Sequence[str] |
     if run_dir is not None:
         if config is not None or overrides:
             raise UserError("--run takes the config from the run; leave out --preset, --config and --set.")
-        if not (run_dir / "config.toml").is_file():
-            raise UserError(f"{run_dir} is not a diffuse run directory (no config.toml); give the --out of a "
-                            "training run.")
+        check_run(run_dir, "--run")
         resolved, label = read_config(run_dir / "config.toml"), str(run_dir)
     else:
         resolved = make_config(config, overrides)
         label = " ".join([str(config or "defaults"), *(f"--set {s}" for s in overrides)])
-    checks = run_doctor(resolved, pick_device(device), run_dir, steps, label, progress=progress)
-    if run_dir is not None:
-        write_doctor_json(run_dir / "doctor.json", label, checks)
-        write_report(run_dir)
+    if run_dir is None:
+        return label, run_doctor(resolved, pick_device(device), run_dir, steps, label, progress=progress)
+    with run_lock(run_dir, "doctor --run") if distributed.is_main() else contextlib.nullcontext():
+        for name in DOCTOR_FILES:
+            check_file_out(run_dir / name, "--run")
+        checks = run_doctor(resolved, pick_device(device), run_dir, steps, label, progress=progress)
+        if distributed.is_main():
+            write_doctor_json(run_dir / "doctor.json", label, checks)
+            write_report(run_dir)
     return label, checks

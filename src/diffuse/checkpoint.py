@@ -23,14 +23,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from diffuse.config import Config, read_config, to_toml
+from diffuse.config import Config, read_config, resume_conflicts, to_toml
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
-from diffuse.files import fsync_path, sha256_file
+from diffuse.files import fsync_path, read_limited, sha256_file
 from diffuse.nets import build_denoiser
 
 CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "ema.safetensors", "state.json", "config.toml")
+MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a handful of files in ~150 bytes each
+MAX_STATE_BYTES = 64 << 20  # state.json: loop state and the optimizer's scalars, a few KB even for big nets
 
 
 def checkpoint_name(step: int) -> str:
@@ -70,10 +73,12 @@ def write_checkpoint(final: Path, config: Config, tensors: dict[str, dict[str, t
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         for p in tmp.iterdir():
             fsync_path(p)
-        if final.exists():  # a damaged checkpoint of this step: set it aside, then drop it once replaced
-            os.rename(final, root / f".tmp-damaged-{final.name}-{os.getpid()}")
+        aside = root / f".tmp-replaced-{final.name}-{os.getpid()}"
+        if final.exists():  # a damaged checkpoint of this step, or an EMA checkpoint to replace: set it aside
+            os.rename(final, aside)
         os.rename(tmp, final)
         fsync_path(root)
+        shutil.rmtree(aside, ignore_errors=True)  # then drop it, once its replacement is in place
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); free disk space or make "
@@ -84,23 +89,35 @@ def write_checkpoint(final: Path, config: Config, tensors: dict[str, dict[str, t
 def verify(path: Path) -> str | None:
     """None if the checkpoint at `path` is whole, else a sentence saying what is wrong.
 
-    Whole means: a manifest that lists the files of the folder by plain names, each present with
-    its size and SHA-256. A torn write (a kill mid-checkpoint), a flipped byte or a truncated file fails.
+    Whole means: a manifest that lists every file of the folder (itself aside) by plain names, and
+    nothing else, each a plain file (no link, no folder) with its size and SHA-256. A torn write (a
+    kill mid-checkpoint), a flipped byte, a truncated, added or removed file, or a manifest emptied to
+    `{}` fails.
     """
-    manifest_path = Path(path) / "manifest.json"
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if manifest_path.is_symlink():
+        return f"{manifest_path} is a link, which a checkpoint never holds"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(read_limited(manifest_path, MAX_MANIFEST_BYTES, "checkpoint manifest"))
+    except (OSError, ValueError, RecursionError, UserError):
         return f"{manifest_path} is missing or unreadable"
     if not isinstance(manifest, dict) or not all(
-            isinstance(e, dict) and isinstance(e.get("sha256"), str) and isinstance(e.get("bytes"), int)
+            isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int
             for e in manifest.values()):
         return f"{manifest_path} is not a diffuse manifest"
-    for name, entry in manifest.items():
-        file = Path(path) / name
-        if Path(name).name != name or name in ("", ".", ".."):
+    for name in manifest:
+        if Path(name).name != name or name in ("", ".", "..", MANIFEST):
             return f"{manifest_path} names a file outside its folder ({name!r})"
-        if not file.is_file():
+    present = {p.name: p for p in path.iterdir() if p.name != MANIFEST}
+    for name, file in sorted(present.items()):
+        if file.is_symlink() or not file.is_file():
+            return f"{file} is a {'link' if file.is_symlink() else 'folder'}, which a checkpoint never holds"
+        if name not in manifest:
+            return f"{file} is not listed in {manifest_path} (added after the checkpoint was written?)"
+    for name, entry in manifest.items():
+        file = path / name
+        if name not in present:
             return f"{file} is missing"
         if file.stat().st_size != entry["bytes"]:
             return f"{file} has {file.stat().st_size} bytes, not the {entry['bytes']} of the manifest (truncated?)"
@@ -141,10 +158,10 @@ def load_checkpoint(path: Path) -> tuple[Config, dict[str, dict[str, torch.Tenso
             raise UserError(f"{file} is not a safetensors file ({str(e).splitlines()[0]}); it is refused, "
                             "never unpickled.") from None
     try:
-        state = json.loads((path / "state.json").read_text())
-    except ValueError as e:
+        state = json.loads(read_limited(path / "state.json", MAX_STATE_BYTES, "state.json"))
+    except (ValueError, RecursionError) as e:
         raise UserError(f"{path / 'state.json'} is not valid JSON ({e}).") from None
-    if not isinstance(state, dict) or not isinstance(state.get("nimg"), int):
+    if not isinstance(state, dict) or any(type(state.get(k)) is not int or state[k] < 0 for k in ("nimg", "step")):
         raise UserError(f"{path / 'state.json'} has no images-seen count; it was not written by diffuse train.")
     return read_config(path / "config.toml"), tensors, state
 
@@ -166,8 +183,8 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 def recorded_fd(path: Path) -> float | None:
     """The FD that training measured at this checkpoint's step (in its state.json), if any."""
     try:
-        fd = json.loads((path / "state.json").read_text()).get("fd")
-    except (OSError, ValueError, AttributeError):
+        fd = json.loads(read_limited(path / "state.json", MAX_STATE_BYTES, "state.json")).get("fd")
+    except (OSError, ValueError, RecursionError, AttributeError, UserError):
         return None
     return fd if isinstance(fd, (int, float)) and math.isfinite(fd) else None
 
@@ -229,10 +246,36 @@ def load_denoiser(path: Path, weights: str = "ema", device: str | torch.device =
             raise UserError(f"{path} has no power-function EMA snapshots to reconstruct sigma_rel {sigma_rel} from; "
                             "train with train.ema = \"power\".")
         tensors[weights] = reconstruct(snapshots, sigma_rel, at_nimg=state["nimg"])
+    check_run_config(checkpoint, config)
     denoiser = build_denoiser(config)
-    try:
-        denoiser.net.load_state_dict(tensors[weights])
-    except RuntimeError as e:
-        raise UserError(f"the {weights} weights in {path} do not fit the model its config describes "
-                        f"({str(e).splitlines()[0]}).") from None
+    source = checkpoint.parent.parent / PHEMA_DIR if sigma_rel is not None else checkpoint / f"{weights}.safetensors"
+    check_weights(source, tensors[weights], denoiser.net)
+    denoiser.net.load_state_dict(tensors[weights])
     return config, denoiser.to(device).eval().requires_grad_(False)
+
+
+def check_run_config(checkpoint: Path, config: Config) -> None:
+    """A checkpoint inside a run (RUN_DIR/checkpoints/step-N) must hold the run's config, as training requires."""
+    run_config = checkpoint.parent.parent / "config.toml"
+    if checkpoint.parent.name != CHECKPOINTS or not run_config.is_file():
+        return
+    conflicts = resume_conflicts(read_config(run_config), config)
+    if conflicts:
+        raise UserError(f"checkpoint {checkpoint} was written with other settings than {run_config} "
+                        f"({', '.join(conflicts)} differ); it belongs to another run: move it away.")
+
+
+def check_weights(source: Path, weights: dict[str, torch.Tensor], net: torch.nn.Module) -> None:
+    """The weights must be exactly the net's tensors: the same names, dtypes and shapes, every value finite."""
+    expected = net.state_dict()
+    fix = "the weights do not fit the model its config describes; use another checkpoint."
+    for name in sorted(set(weights) ^ set(expected)):
+        what = "lacks" if name in expected else "holds the unexpected"
+        raise UserError(f"{source} {what} tensor {name}; the weights do not fit the model its config describes.")
+    for name, want in expected.items():
+        got = weights[name]
+        if got.dtype != want.dtype or got.shape != want.shape:
+            raise UserError(f"{source}: tensor {name} is {got.dtype} {tuple(got.shape)} where the config implies "
+                            f"{want.dtype} {tuple(want.shape)}; {fix}")
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise UserError(f"{source}: tensor {name} holds values that are not finite; {fix}")

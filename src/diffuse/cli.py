@@ -23,6 +23,7 @@ from diffuse.config import load_config
 from diffuse.diagnostics import EARLY_STEPS, doctor_report, format_table
 from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.metrics.features import fd_name
+from diffuse.outputs import check_samples_out
 from diffuse.prepared import verify_prepared
 from diffuse.process import SPACINGS
 from diffuse.sampling import SAMPLERS
@@ -239,11 +240,12 @@ def cmd_distill(args) -> None:
 
 
 def cmd_sample(args) -> None:
+    """Stream the samples into --out a chunk at a time, after checking --out and --grid can be written."""
+    check_samples_out(Path(args.out), Path(args.grid) if args.grid else None)
     model = api.load(args.source, args.ema, weights=args.weights, device=args.device)
     labels = None if args.labels == "all" else args.labels
-    samples = model.sample(args.n, labels, seed=args.seed, progress=progress(), **sampler_flags(args))
-    if distributed.is_main():
-        samples.save(args.out, model.dataset, grid=args.grid)
+    model.save_samples(args.out, args.n, labels, seed=args.seed, progress=progress(), grid=args.grid,
+                       **sampler_flags(args))
     print(f"wrote {args.n} samples to {args.out}")
 
 

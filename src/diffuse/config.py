@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from diffuse.errors import UserError
+from diffuse.files import read_limited
 from diffuse.validation import validate
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+MAX_CONFIG_BYTES = 1 << 20  # a resolved config is ~2 KB; a megabyte is a wrong file (or /dev/zero), not a config
 
 
 @dataclass
@@ -195,11 +197,15 @@ def preset_path(name: str) -> Path:
 
 def _read_toml(path: Path) -> dict:
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(read_limited(path, MAX_CONFIG_BYTES, "config"))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; give the path of a TOML file.") from None
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path} is not valid TOML ({e}); fix the file.") from None
+    except RecursionError:
+        raise UserError(f"{path} nests its values too deeply to be a config; fix the file.") from None
+    except (IsADirectoryError, PermissionError) as e:
+        raise UserError(f"config file {path} cannot be read ({e.strerror}); give the path of a TOML file.") from None
 
 
 def parse_value(text: str) -> Any:

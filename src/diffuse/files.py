@@ -6,6 +6,10 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
+
+from diffuse.errors import UserError
+
 
 def sha256_file(path: Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
@@ -23,3 +27,28 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_limited(path: Path, limit: int, what: str) -> str:
+    """The UTF-8 text of a file that may hold at most `limit` bytes; no more is ever read, so a huge
+    file or a device such as /dev/zero is refused at once instead of filling the memory."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise UserError(f"{path} is over {limit >> 10} KiB, more than any {what} needs; give the right file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text, so it is no {what}; give the right file.") from None
+
+
+def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, Fortran order, dtype, data offset) from the start of a .npy stream, or None where it has no
+    readable header; nothing past the header is read, so a header that lies costs no memory."""
+    try:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        return tuple(shape), fortran, dtype, f.tell()
+    except (ValueError, SyntaxError, TypeError, OSError, EOFError):  # numpy's kinds of complaint on a broken header
+        return None

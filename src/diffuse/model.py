@@ -8,8 +8,8 @@ writes for the same arguments and whose `denoiser` drives a sampler of your own.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,17 +17,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from diffuse import distributed
-from diffuse.checkpoint import load_denoiser, resolve_checkpoint, verify
+from diffuse.checkpoint import load_checkpoint, load_denoiser, resolve_checkpoint, verify
 from diffuse.config import Config, validate
 from diffuse.data import Dataset, Scaling, dataset
 from diffuse.denoiser import Denoiser
 from diffuse.errors import UserError
-from diffuse.images import save_npz
+from diffuse.images import MAX_SAMPLES, NpzWriter, save_npz
 from diffuse.sampling import sample as draw
 from diffuse.seeding import image_seeds
 
+CHUNK_SAMPLES = 1024  # images drawn, then written, at a time by save_samples (at least a sampler batch per rank)
+GRID_SAMPLES = 1000  # the first images a --grid picture is drawn from (rows of each class, or rows of 8)
 SETTINGS = ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "S_churn")  # what a sampling call may override
 
 
@@ -97,16 +100,61 @@ class Model:
         versions of the first n test images. settings: sampler, steps, spacing, eta, cfg, rescale,
         S_churn, as `diffuse sample`'s flags (unset ones keep the run's [sample] config).
         """
-        if not isinstance(n, int) or n < 1:
-            raise UserError(f"--n {n} must be at least 1.")
+        resolved, cond, labels = self.prepare(n, labels, cond, settings)
+        x = self.draw_rows(cond, seed, 0, n, resolved, progress)
+        return Samples(self.decode(x), labels.numpy(), resolved)
+
+    def save_samples(self, path: str | Path, n: int, labels=None, cond=None, *, seed: int = 0, progress: bool = False,
+                     grid: str | Path | None = None, **settings) -> dict:
+        """Draw the n samples `sample` gives for the same arguments and stream them into the .npz at `path`
+        (with `grid`: also its picture, of the first GRID_SAMPLES), CHUNK_SAMPLES at a time: memory does not
+        grow with n. Returns the sampler settings. Under a launcher every rank draws its part of each chunk
+        and rank 0 writes."""
+        resolved, cond, labels = self.prepare(n, labels, cond, settings)
+        first = []
+        chunk = max(CHUNK_SAMPLES, resolved["batch"] * distributed.size())
+        point = not self.dataset.is_image
+        shape = (n, *self.dataset.shape) if point else (n, *self.dataset.shape[1:], self.dataset.shape[0])
+        main = distributed.is_main()
+        writer = NpzWriter(Path(path), "points" if point else "images", np.float32 if point else np.uint8, shape)
+        with writer if main else contextlib.nullcontext() as out, \
+                tqdm(total=n, unit="img", desc="sampling", disable=not (progress and main)) as bar:
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                rows = self.decode(self.draw_rows(cond[start:stop], seed, start, stop, resolved, False))
+                if main:
+                    out.write(rows)
+                first += [rows[:GRID_SAMPLES - sum(map(len, first))]] if grid else []
+                bar.update(stop - start)
+            if main:
+                out.finish(labels.numpy())
+        if grid and main:
+            kept = np.concatenate(first)
+            truth = self.dataset.eval_truth(len(kept))
+            self.dataset.picture(Path(grid), kept, labels.numpy()[:len(kept)], None if truth is None else truth.numpy())
+        return resolved
+
+    def prepare(self, n: int, labels, cond, settings: Mapping) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(sampler settings, conditions (n, ...), labels (n,)) of a sampling call, every argument checked."""
+        if type(n) is not int or not 1 <= n <= MAX_SAMPLES:
+            raise UserError(f"--n {n} must be from 1 to {MAX_SAMPLES}.")
         resolved = sampler_settings(self.config, settings)
         cond, labels = self.conditions(n, labels, cond)
-        mine = distributed.block(n)  # under a launcher each rank samples its block of the images
-        x = draw(self.net, self.dataset.shape, cond[mine], image_seeds(seed, n)[mine], progress=progress,
-                 **resolved)
-        x = distributed.gather(x, n)
-        images = self.scaling.decode(x).numpy() if self.scaling else x.numpy()
-        return Samples(images, labels.numpy(), resolved)
+        return resolved, cond, labels
+
+    def draw_rows(self, cond: torch.Tensor, seed: int, start: int, stop: int, settings: dict,
+                  progress: bool) -> torch.Tensor:
+        """Images start..stop-1 in model space, (stop - start, *shape), cond those rows' conditions; under a
+        launcher each rank draws its block of them and every rank gets them all."""
+        k = stop - start
+        mine = distributed.block(k)
+        seeds = image_seeds(seed, stop, start)[mine]
+        x = draw(self.net, self.dataset.shape, cond[mine], seeds, progress=progress, **settings)
+        return distributed.gather(x, k)
+
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        """Model space -> uint8 images (N, H, W, C), or the points themselves for 2-D data."""
+        return self.scaling.decode(x).numpy() if self.scaling else x.numpy()
 
     def conditions(self, n: int, labels, cond) -> tuple[torch.Tensor, torch.Tensor]:
         """(conditions (n, ...), labels (n,)) for n samples, checked against what the model takes."""
@@ -215,6 +263,6 @@ def checkpoint_at(run_dir: Path, kimg: float | None) -> Path:
     if kimg is None:
         return resolve_checkpoint(run_dir)
     for path in sorted((Path(run_dir) / "checkpoints").glob("step-*")):
-        if verify(path) is None and json.loads((path / "state.json").read_text())["nimg"] == round(kimg * 1000):
+        if verify(path) is None and load_checkpoint(path)[2]["nimg"] == round(kimg * 1000):
             return path
     raise UserError(f"{run_dir} has no whole checkpoint at {kimg:g} kimg; leave out --at for the newest.")

@@ -2,7 +2,7 @@
 
     DATA_DIR/
       data.json        the description (below)
-      images.npy       uint8 (N, R, R, C), C in {1, 3}, read with np.load(mmap_mode="r")
+      images.npy       uint8 (N, R, R, C), C in {1, 3}, read memory-mapped (np.memmap)
       labels.npy       int64 (N,), values in [0, K)       only for condition "label"
       vectors.npy      float32 (N, D), all finite          only for condition "vector"
       conditions.npy   uint8 (N, Rc, Rc, Cc)               only for condition "image" (paired data)
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from diffuse.errors import UserError
-from diffuse.files import fsync_path, sha256_file
+from diffuse.files import fsync_path, read_npy_header, sha256_file
 from diffuse.images import grid
 
 FORMAT, VERSION = "diffuse-data", 1
@@ -162,14 +162,11 @@ def map_array(folder: Path, name: str, dtype: np.dtype, shape: tuple[int, ...]) 
     path = folder / name
     if path.is_symlink() or not path.is_file():
         raise refuse(path, "is missing or not a plain file (links are refused)")
-    try:
-        with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            got_shape, fortran, got_dtype = read(f)
-            offset = f.tell()
-    except Exception:  # noqa: BLE001 - numpy raises several kinds on a broken header
-        raise refuse(path, "has no readable .npy header") from None
+    with open(path, "rb") as f:
+        header = read_npy_header(f)
+    if header is None:
+        raise refuse(path, "has no readable .npy header")
+    got_shape, fortran, got_dtype, offset = header
     if got_dtype != dtype or tuple(got_shape) != shape or fortran:
         raise refuse(path, f"holds {got_dtype} {tuple(got_shape)} where data.json says {dtype} {shape}")
     need = offset + math.prod(shape) * dtype.itemsize
@@ -261,7 +258,7 @@ def write_prepared(out: str | Path, fill: Callable[[Path], dict]) -> Prepared:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         meta = fill(tmp)
-        images = np.load(tmp / "images.npy", mmap_mode="r")
+        images = np.load(tmp / "images.npy", mmap_mode="r", allow_pickle=False)
         meta["mean"], meta["std"] = pixel_stats(images)
         meta["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(tmp.glob("*.npy"))}

@@ -44,6 +44,9 @@ def write_report(run_dir: Path) -> Path:
 # Reading a run that may be in progress.
 
 
+MAX_JSON_BYTES = 16 << 20  # doctor.json and ema_sweep.json are a few KB; more is not diffuse's
+
+
 def read_text(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8", errors="replace")
@@ -66,12 +69,14 @@ def read_events(path: Path) -> list[dict]:
 
 def read_json(path: Path) -> tuple[dict | None, str | None]:
     """(object, None), or (None, why) when the file is absent or not a JSON object."""
+    if path.is_file() and path.stat().st_size > MAX_JSON_BYTES:
+        return None, f"over {MAX_JSON_BYTES >> 20} MiB, more than a doctor table or sweep needs"
     text = read_text(path)
     if text is None:
         return None, "missing"
     try:
         value = json.loads(text)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # deep nesting raises RecursionError, not ValueError
         return None, f"not valid JSON ({e})"
     return (value, None) if isinstance(value, dict) else (None, "not a JSON object")
 

@@ -42,6 +42,7 @@ from diffuse.ema import PHEMA_DIR, PowerEMA
 from diffuse.errors import Diverged, Interrupted, UserError
 from diffuse.lock import LOCK, run_lock
 from diffuse.metrics.probe import Probe
+from diffuse.outputs import MAX_EVENT_BYTES, RUN_MARK, check_run_out
 from diffuse.report import write_report
 from diffuse.seeding import derive_seed
 from diffuse.watching import timed, training_fd, write_grid
@@ -82,7 +83,10 @@ def silent(*args, **kwargs) -> None:
 
 def claimed(run_dir: Path, command: str):
     """The run directory's lock (`diffuse.lock`), held by rank 0, its one writer; nothing on other ranks."""
-    return run_lock(run_dir, command) if distributed.is_main() else nullcontext()
+    if distributed.is_main():
+        check_run_out(run_dir)  # before the lock, whose file would be the first thing written there
+        return run_lock(run_dir, command)
+    return nullcontext()
 
 
 def resume_config(run_dir: Path, config: Config) -> Config:
@@ -121,7 +125,7 @@ def write_config(run_dir: Path, config: Config) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.toml.tmp"
-        tmp.write_text(to_toml(config))
+        tmp.write_text(f"{RUN_MARK}\n{to_toml(config)}")
         tmp.replace(run_dir / "config.toml")
     except OSError as e:
         raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose a writable "
@@ -137,7 +141,7 @@ def trim_events(path: Path, nimg: int) -> None:
     """Drop the events logged after `nimg` images (and a torn last line), rewriting the file atomically."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines()
+    lines = list(event_lines(path))
     kept = [line for line in lines if event_kimg(line) is not None and event_kimg(line) <= nimg / 1000]
     if len(kept) < len(lines):
         tmp = path.with_name(path.name + ".tmp")
@@ -145,12 +149,24 @@ def trim_events(path: Path, nimg: int) -> None:
         tmp.replace(path)
 
 
+def event_lines(path: Path):
+    """The lines of metrics.jsonl without their newline; a line over MAX_EVENT_BYTES (no event is) as ''."""
+    with open(path, "rb") as f:
+        while line := f.readline(MAX_EVENT_BYTES + 1):
+            if len(line) > MAX_EVENT_BYTES:
+                while line and not line.endswith(b"\n"):  # skip the rest of it without holding it
+                    line = f.readline(MAX_EVENT_BYTES + 1)
+                yield ""
+                continue
+            yield line.decode("utf-8", errors="replace").rstrip("\n")
+
+
 def event_kimg(line: str) -> float | None:
     try:
         kimg = json.loads(line).get("kimg")
-    except (ValueError, AttributeError):
+    except (ValueError, RecursionError, AttributeError):
         return None
-    return kimg if isinstance(kimg, (int, float)) else None
+    return kimg if type(kimg) in (int, float) and math.isfinite(kimg) else None
 
 
 # ---------------------------------------------------------------------------------------------

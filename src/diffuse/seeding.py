@@ -11,6 +11,7 @@ def derive_seed(seed: int, *where: object) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def image_seeds(seed: int, n: int) -> list[int]:
-    """The seeds of images 0..n-1 of a sampling call: image i's noise does not depend on its batch or rank."""
-    return [derive_seed(seed, "image", i) for i in range(n)]
+def image_seeds(seed: int, stop: int, start: int = 0) -> list[int]:
+    """The seeds of images start..stop-1 of a sampling call: image i's noise does not depend on its batch,
+    its chunk or its rank."""
+    return [derive_seed(seed, "image", i) for i in range(start, stop)]

@@ -22,6 +22,7 @@ from torch import nn
 
 from diffuse.data import Dataset, dataset
 from diffuse.denoiser import Denoiser
+from diffuse.errors import UserError
 from diffuse.nets.mlp import MLP
 from diffuse.nets.mp_unet import MPUNet
 from diffuse.nets.unet import UNet
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # config imports NETS from here
     from diffuse.config import Config, ModelConfig
 
 NETS = ("unet", "mp_unet", "mlp")  # unet, mp_unet: images; mlp: points
+MAX_PARAMETERS = 4 * 10**9  # over twice EDM2-XXL's 1.5 billion; more is a typo (or a hostile config), not a model
 
 
 class Net(Protocol):
@@ -77,5 +79,17 @@ def sized_for(dataset: Dataset) -> list[str]:
 def build_denoiser(config: Config) -> Denoiser:
     """A freshly initialized denoiser for a `Config`: its data set's net read in its process and prediction."""
     d = config.diffusion
-    net = build_net(config.model, dataset(config.data))
+    data = dataset(config.data)
+    check_size(config.model, data)
+    net = build_net(config.model, data)
     return Denoiser(net, build_process(d), d.prediction, d.sigma_data)  # only the edm prediction reads sigma_data
+
+
+def check_size(m: ModelConfig, dataset: Dataset) -> None:
+    """Refuse a net of more than MAX_PARAMETERS, counted on the meta device (no memory is allocated)."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_net(m, dataset).parameters())
+    if count > MAX_PARAMETERS:
+        size = f"model.hidden {m.hidden}" if m.net == "mlp" else f"model.channels {list(m.channels)}"
+        raise UserError(f"{size} with model.emb_dim {m.emb_dim} make a net of {count / 1e9:.1f} billion parameters, "
+                        f"over the limit of {MAX_PARAMETERS / 1e9:g} billion; choose a smaller model.")
