@@ -1,7 +1,8 @@
 """The `diffuse` command: parses the arguments, calls `diffuse.api` and prints.
 
 Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback;
-a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`).
+a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`);
+a signal anywhere else ends any command in one line with 130 (SIGINT) or 143 (SIGTERM) (`diffuse.signals`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from diffuse.bench import format_report, run_bench
 from diffuse.config import load_config
 from diffuse.diagnostics import EARLY_STEPS, doctor_report, format_table
 from diffuse.errors import Diverged, Interrupted, UserError
+from diffuse.files import failure
 from diffuse.metrics.features import fd_name
 from diffuse.prepared import verify_prepared
 from diffuse.process import SPACINGS
 from diffuse.sampling import SAMPLERS
+from diffuse.signals import Stopped, stopped_by_signals
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -34,25 +37,41 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
+    with stopped_by_signals() as guard:
+        parser, command = build_parser(), "start-up"
+        try:
+            try:
+                args = parser.parse_args(argv)
+                if args.command is None:
+                    parser.print_help()
+                    return 2
+                command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+                distributed.start()  # under torchrun or accelerate launch: join the other ranks
+                with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+                    return args.run(args) or 0  # ranks other than 0 print nothing but errors
+            finally:
+                guard.ignore()  # a signal from here on would tear the line below: ignored
+        except Stopped as e:
+            print(f"diffuse: interrupted by {e.name} during {command}; {KEPT.get(command, KEPT[None])}",
+                  file=sys.stderr)
+            return e.exit_code
+        except (UserError, Diverged, Interrupted) as e:
+            print(f"diffuse: {e}", file=sys.stderr)
+            return e.exit_code
+        except OSError as e:  # a read or write met outside the ones that name their file
+            print(f"diffuse: {failure(e.filename or 'a file', e, 'read or write')}", file=sys.stderr)
             return 2
-        distributed.start()  # under torchrun or accelerate launch: join the other ranks
-        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
-            return args.run(args) or 0  # ranks other than 0 print nothing but errors
-    except (UserError, Diverged, Interrupted) as e:
-        print(f"diffuse: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # a full disk or a read-only folder met outside the writes that check for it
-        where = f" {e.filename}" if e.filename else ""
-        print(f"diffuse: could not read or write{where} ({e.strerror or e}); free disk space or fix the "
-              "permissions and re-run: a training run resumes from its newest whole checkpoint.", file=sys.stderr)
-        return 2
-    finally:
-        distributed.stop()
+        finally:
+            distributed.stop()
+
+
+# What a command interrupted by a signal leaves behind (`diffuse.signals`).
+KEPT = {
+    "train": "the checkpoints already written are intact; re-run the same command to resume.",
+    "distill": "the checkpoints already written are intact; re-run the same command to resume.",
+    "data prepare": "no DATA_DIR was written or replaced, and no partial file is left.",
+    None: "the files written before it are intact, and no partial file is left.",
+}
 
 
 def build_parser() -> ArgumentParser:

@@ -292,8 +292,9 @@ class StopRequest:
 def stop_requests():
     """Turn SIGTERM and SIGINT into a request that the loop answers after its current step.
 
-    A second signal of either kind stops at once (KeyboardInterrupt). Handlers are installed only
-    in the main thread (Python allows no other) and restored on exit.
+    A second signal of either kind stops at once: it goes to the handler that was there before
+    (`diffuse.signals` under the command line: one line, exit 130 or 143; KeyboardInterrupt elsewhere).
+    Handlers are installed only in the main thread (Python allows no other) and restored on exit.
     """
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -301,9 +302,12 @@ def stop_requests():
         return
 
     def request(signum, frame):
-        if stop.requested:
+        if not stop.requested:
+            stop.requested = signal.Signals(signum).name
+        elif callable(previous[signum]):
+            previous[signum](signum, frame)
+        else:
             raise KeyboardInterrupt
-        stop.requested = signal.Signals(signum).name
 
     previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
