@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from diffuse.errors import UserError
+from diffuse.files import writing
 
 
 def save_npz(path: Path, images: torch.Tensor | np.ndarray, labels: torch.Tensor | np.ndarray) -> None:
@@ -19,10 +20,11 @@ def save_npz(path: Path, images: torch.Tensor | np.ndarray, labels: torch.Tensor
     images, labels = np.asarray(images), np.asarray(labels)
     assert images.dtype == np.uint8 and images.ndim == 4 and labels.dtype == np.int64
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, images=images, labels=labels)
-    tmp.replace(path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(tmp, images=images, labels=labels)
+        tmp.replace(path)
 
 
 def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -141,7 +143,8 @@ def save_scatter(path: Path, points: np.ndarray, labels: np.ndarray, size: int =
 
 def _save_png(img: Image.Image, path: Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(tmp)
+        tmp.replace(path)
