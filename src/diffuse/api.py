@@ -26,11 +26,12 @@ from diffuse import distributed
 from diffuse.checkpoint import load_checkpoint, load_denoiser, write_checkpoint
 from diffuse.config import Config, DataConfig, load_config, read_config, validate
 from diffuse.data import dataset
-from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, run_doctor, write_doctor_json
+from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, early_loss_cache, run_doctor, write_doctor_json
 from diffuse.distillation import distill as run_distillation
 from diffuse.distillation import student_config
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
+from diffuse.files import check_writable
 from diffuse.images import load_npz
 from diffuse.metrics.features import evaluate_features, fd_name
 from diffuse.metrics.inception import fid, inception_stats, read_reference, write_reference
@@ -141,7 +142,10 @@ def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = No
     source = Path(source)
     if not source.is_dir():
         images, labels = load_npz(source)
-        return {"source": str(source), "features": features, **evaluate_features(features, images, labels)}
+        try:
+            return {"source": str(source), "features": features, **evaluate_features(features, images, labels)}
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     model = measured_model(source, n, ema, device)
     ds = model.dataset
     if ds.features is None:
@@ -223,6 +227,7 @@ def post_hoc_ema(run_dir: str | Path, sigma_rel: float, out: str | Path, at: flo
     """Reconstruct the power-function EMA of length sigma_rel at the checkpoint at `at` kimg (default:
     the newest) into the checkpoint folder `out`, for `load`, `diffuse sample` and `diffuse eval`."""
     run_dir = Path(run_dir)
+    check_writable(Path(out) / "manifest.json", "--out")
     config, tensors, state = load_checkpoint(checkpoint_at(run_dir, at))
     if config.train.ema != "power":
         raise UserError(f"{run_dir} was trained with train.ema = \"{config.train.ema}\"; post-hoc EMA needs "
@@ -240,6 +245,9 @@ def ema_sweep(run_dir: str | Path, sigma_rels: Sequence[float], n: int = 2000, a
     if not isinstance(n, int) or n < 2:
         raise UserError(f"--n {n} must be at least 2 to fit a covariance.")
     checkpoint, rows = checkpoint_at(run_dir, at), []
+    if distributed.is_main():  # before the sampling, which takes minutes
+        for name in ("ema_sweep.json", "ema_sweep.svg", "report.html"):
+            check_writable(run_dir / name, "the sweep's output")
     for sigma_rel in sigma_rels:
         model = load(checkpoint, sigma_rel, device=device)
         drawn = model.sample(n, **settings)
@@ -279,6 +287,10 @@ def doctor(config: str | Path | Config | None = None, overrides: Sequence[str] |
     else:
         resolved = make_config(config, overrides)
         label = " ".join([str(config or "defaults"), *(f"--set {s}" for s in overrides)])
+    for path, what in ([(run_dir / "doctor.json", "the run's doctor.json"), (run_dir / "report.html", "the run's report")]
+                       if run_dir is not None else []) + [(early_loss_cache(), "the doctor's cache (set XDG_CACHE_HOME "
+                                                                                "to move it)")]:
+        check_writable(path, what)  # before the checks, which take a minute
     checks = run_doctor(resolved, pick_device(device), run_dir, steps, label, progress=progress)
     if run_dir is not None:
         write_doctor_json(run_dir / "doctor.json", label, checks)
