@@ -14,10 +14,19 @@ def run() -> None:
     try:
         from diffuse.cli import main
     except Stopped as e:
-        guard.ignore()
+        ignore_signals()
         print(f"diffuse: interrupted by {e.name} during start-up; nothing was written.", file=sys.stderr)
         sys.exit(e.exit_code)
-    sys.exit(main())
+    code = main()
+    ignore_signals()
+    sys.exit(code)
+
+
+def ignore_signals() -> None:
+    """SIG_IGN to the end: Python's shutdown resets a Python handler to SIG_DFL, under which a late second
+    signal would kill the process while it exits (torch's teardown takes a while)."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
