@@ -127,6 +127,66 @@ def interrupt(run: Path, sig: signal.Signals, seconds: float) -> dict:
             "checkpointed": checkpointed, "resumed": resumed_from(done.stdout), "finished": done.returncode == 0}
 
 
+# ---------------------------------------------------------------------------------------------
+# The signal drill of every command (`tests/test_signals.py` runs a few cases of it).
+
+TINY = ["--preset", "fmnist-tiny", "--set", "model.channels=[8, 16]", "--set", "model.emb_dim=32",
+        "--set", "train.kimg=2", "--set", "train.batch=16", "--set", "train.checkpoint_kimg=0.032",
+        "--set", "train.fd_kimg=0", "--set", "sample.steps=4", "--set", "train.threads=1"]
+TEMPORARY = ("*.tmp", "*.tmp.*", ".tmp-*", "*.part", "part-*", ".*.prepare-*", ".diffuse-write-test-*")
+
+
+def signal_case(command: str, work: Path, tmp: Path) -> tuple[list[str], tuple[str, ...]]:
+    """(argv, the names in work/run the command may write) of one command on the drill's run and images."""
+    run = str(work / "run")
+    return {
+        "train": (["train", *TINY, "--out", str(tmp / "train")], ()),
+        "sample": (["sample", run, "--n", "5000", "--out", str(tmp / "samples.npz")], ()),
+        "eval": (["eval", run, "--n", "5000"], ()),
+        "ema": (["ema", run, "--sweep", "--sigma-rels", "0.05,0.1", "--n", "3000"],
+                ("ema_sweep.json", "ema_sweep.svg", "report.html")),
+        "doctor": (["doctor", *TINY[:2], "--set", "model.channels=[8, 16]"], ()),
+        "data prepare": (["data", "prepare", str(work / "images"), "--out", str(tmp / "data")], ()),
+    }[command]
+
+
+def signalled(argv: list[str], sigs: list[signal.Signals], seconds: float, marker: str | None,
+              env: dict | None = None) -> dict:
+    """Start `diffuse argv`, wait for the stdout line starting with `marker` (None: the start), then
+    `seconds`, send `sigs` 10 ms apart; its exit code and stderr."""
+    import os
+    proc = subprocess.Popen(diffuse_cmd(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"} | (env or {}))
+    if marker:
+        for line in proc.stdout:
+            if line.startswith(marker):
+                break
+    time.sleep(seconds)
+    for i, sig in enumerate(sigs):
+        time.sleep(0.01 if i else 0)
+        proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    return {"exit": proc.returncode, "stderr": err}
+
+
+def expected_exits(command: str, sigs: list[signal.Signals], marker: str | None) -> set[int]:
+    """Training's steps checkpoint and exit 75 (a second signal there stops at once); all else 128 + signal."""
+    stopped = {128 + sigs[0]}
+    return stopped | {75} if command == "train" and marker == "model:" else stopped
+
+
+def temporaries(*roots: Path) -> list[Path]:
+    """Temporary files and folders left under the roots."""
+    return sorted(p for root in roots for pattern in TEMPORARY for p in root.rglob(pattern))
+
+
+def snapshot(root: Path, without: tuple[str, ...] = ()) -> dict[str, str]:
+    """SHA-256 of every file under root but the lock and the names in `without`."""
+    import hashlib
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name not in (*without, ".lock")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--random", type=int, default=40, help="SIGKILLs at random moments")

@@ -3,8 +3,6 @@ against limits or the bytes present before anything is allocated, text files are
 samples stream to their file a chunk at a time."""
 
 import io
-import shutil
-import struct
 import time
 import zipfile
 from pathlib import Path

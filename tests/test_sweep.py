@@ -7,7 +7,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import shutil
 import time
 from pathlib import Path

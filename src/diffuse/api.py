@@ -27,11 +27,12 @@ from diffuse import distributed
 from diffuse.checkpoint import check_run_config, load_checkpoint, load_denoiser, write_checkpoint
 from diffuse.config import Config, DataConfig, load_config, read_config, validate
 from diffuse.data import dataset
-from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, run_doctor, write_doctor_json
+from diffuse.diagnostics import EARLY_STEPS, EARLY_WINDOW, early_loss_cache, run_doctor, write_doctor_json
 from diffuse.distillation import distill as run_distillation
 from diffuse.distillation import student_config
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
+from diffuse.files import check_writable
 from diffuse.images import MAX_SAMPLES, load_npz
 from diffuse.lock import run_lock
 from diffuse.metrics.feature_train import train_feature_net
@@ -177,7 +178,10 @@ def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = No
     source = Path(source)
     if not source.is_dir():
         images, labels = load_npz(source)
-        return {"source": str(source), "features": features, **evaluate_features(features, images, labels)}
+        try:
+            return {"source": str(source), "features": features, **evaluate_features(features, images, labels)}
+        except UserError as e:
+            raise UserError(f"{source}: {e}") from None
     model = measured_model(source, n, ema, device)
     ds = model.dataset
     if ds.features is None:
@@ -260,6 +264,7 @@ def post_hoc_ema(run_dir: str | Path, sigma_rel: float, out: str | Path, at: flo
     the newest) into the checkpoint folder `out`, for `load`, `diffuse sample` and `diffuse eval`."""
     run_dir = Path(run_dir)
     check_checkpoint_out(Path(out))
+    check_writable(Path(out) / "manifest.json", "--out")
     checkpoint = checkpoint_at(run_dir, at)
     config, tensors, state = load_checkpoint(checkpoint)
     check_run_config(checkpoint, config)
@@ -288,6 +293,9 @@ def ema_sweep(run_dir: str | Path, sigma_rels: Sequence[float], n: int = 2000, a
 def _sweep(run_dir: Path, sigma_rels: Sequence[float], n: int, at: float | None, device, log, settings: dict) -> dict:
     """The sweep of `ema_sweep`, in a run directory whose lock it holds."""
     checkpoint, rows = checkpoint_at(run_dir, at), []
+    if distributed.is_main():  # before the sampling, which takes minutes
+        for name in ("ema_sweep.json", "ema_sweep.svg", "report.html"):
+            check_writable(run_dir / name, "the sweep's output")
     for sigma_rel in sigma_rels:
         model = load(checkpoint, sigma_rel, device=device)
         drawn = model.sample(n, **settings)
@@ -325,11 +333,16 @@ def doctor(config: str | Path | Config | None = None, overrides: Sequence[str] |
     else:
         resolved = make_config(config, overrides)
         label = " ".join([str(config or "defaults"), *(f"--set {s}" for s in overrides)])
+    cache = (early_loss_cache(), "the doctor's cache (set XDG_CACHE_HOME to move it)")
     if run_dir is None:
+        check_writable(*cache)  # before the checks, which take a minute
         return label, run_doctor(resolved, pick_device(device), run_dir, steps, label, progress=progress)
     with run_lock(run_dir, "doctor --run") if distributed.is_main() else contextlib.nullcontext():
         for name in DOCTOR_FILES:
             check_file_out(run_dir / name, "--run")
+        for path, what in [(run_dir / "doctor.json", "the run's doctor.json"), (run_dir / "report.html",
+                                                                                "the run's report"), cache]:
+            check_writable(path, what)
         checks = run_doctor(resolved, pick_device(device), run_dir, steps, label, progress=progress)
         if distributed.is_main():
             write_doctor_json(run_dir / "doctor.json", label, checks)

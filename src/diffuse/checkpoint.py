@@ -21,12 +21,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from diffuse.config import Config, read_config, resume_conflicts, to_toml
 from diffuse.ema import PHEMA_DIR, reconstruct
 from diffuse.errors import UserError
-from diffuse.files import fsync_path, read_limited, sha256_file
+from diffuse.files import failure, fsync_path, read_json, read_limited, sha256_file
 from diffuse.nets import build_denoiser
 
 CHECKPOINTS = "checkpoints"
@@ -34,6 +35,7 @@ MANIFEST = "manifest.json"
 REQUIRED = ("model.safetensors", "ema.safetensors", "state.json", "config.toml")
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest lists a handful of files in ~150 bytes each
 MAX_STATE_BYTES = 64 << 20  # state.json: loop state and the optimizer's scalars, a few KB even for big nets
+MAX_NIMG = 10 ** 15  # images seen: a thousand times the longest published runs
 
 
 def checkpoint_name(step: int) -> str:
@@ -79,10 +81,10 @@ def write_checkpoint(final: Path, config: Config, tensors: dict[str, dict[str, t
         os.rename(tmp, final)
         fsync_path(root)
         shutil.rmtree(aside, ignore_errors=True)  # then drop it, once its replacement is in place
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write checkpoint {final} ({e.strerror or e}); free disk space or make "
-                        f"{root} writable, then re-run: the checkpoints already there are intact.") from None
+    except (OSError, SafetensorError) as e:  # safetensors raises its own error on a full disk
+        raise UserError(f"{str(failure(final, e))[:-1]}; the checkpoints already there are intact.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone on a failure, or a signal; renamed away on success
     return final
 
 
@@ -99,8 +101,8 @@ def verify(path: Path) -> str | None:
     if manifest_path.is_symlink():
         return f"{manifest_path} is a link, which a checkpoint never holds"
     try:
-        manifest = json.loads(read_limited(manifest_path, MAX_MANIFEST_BYTES, "checkpoint manifest"))
-    except (OSError, ValueError, RecursionError, UserError):
+        manifest = read_json(manifest_path, MAX_MANIFEST_BYTES)
+    except (OSError, ValueError, UserError):
         return f"{manifest_path} is missing or unreadable"
     if not isinstance(manifest, dict) or not all(
             isinstance(e, dict) and isinstance(e.get("sha256"), str) and type(e.get("bytes")) is int
@@ -157,13 +159,24 @@ def load_checkpoint(path: Path) -> tuple[Config, dict[str, dict[str, torch.Tenso
         except Exception as e:  # safetensors raises its own error type, or OSError, on a file that is not one
             raise UserError(f"{file} is not a safetensors file ({str(e).splitlines()[0]}); it is refused, "
                             "never unpickled.") from None
+    return read_config(path / "config.toml"), tensors, read_state(path / "state.json")
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's state.json, its loop counters checked for type and range (the rest is checked by
+    the job that restores it)."""
     try:
-        state = json.loads(read_limited(path / "state.json", MAX_STATE_BYTES, "state.json"))
-    except (ValueError, RecursionError) as e:
-        raise UserError(f"{path / 'state.json'} is not valid JSON ({e}).") from None
-    if not isinstance(state, dict) or any(type(state.get(k)) is not int or state[k] < 0 for k in ("nimg", "step")):
-        raise UserError(f"{path / 'state.json'} has no images-seen count; it was not written by diffuse train.")
-    return read_config(path / "config.toml"), tensors, state
+        state = read_json(path, MAX_STATE_BYTES)
+    except ValueError as e:
+        raise UserError(f"{path} is not valid JSON ({e}).") from None
+    if not isinstance(state, dict) or type(state.get("nimg")) is not int:
+        raise UserError(f"{path} has no images-seen count; it was not written by diffuse train.")
+    for key in ("nimg", "step"):
+        value = state.get(key, 0)
+        if type(value) is not int or not 0 <= value <= MAX_NIMG:
+            raise UserError(f"{path}: {key} is {str(value)[:30]}, not a count from 0 to {MAX_NIMG:.0e}; the file is "
+                            "damaged: use another checkpoint.")
+    return state
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:

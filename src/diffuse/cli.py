@@ -1,7 +1,8 @@
 """The `diffuse` command: parses the arguments, calls `diffuse.api` and prints.
 
 Every mistake a user can make ends in one sentence on stderr and exit code 2, with no traceback;
-a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`).
+a diverged run exits with 3, an interrupted one with 75 after writing a checkpoint (`diffuse.errors`);
+a signal anywhere else ends any command in one line with 130 (SIGINT) or 143 (SIGTERM) (`diffuse.signals`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,11 +24,21 @@ from diffuse.bench import format_report, run_bench
 from diffuse.config import load_config
 from diffuse.diagnostics import EARLY_STEPS, doctor_report, format_table
 from diffuse.errors import Diverged, Interrupted, UserError
+from diffuse.files import check_writable, failure
 from diffuse.metrics.features import fd_name
 from diffuse.outputs import check_samples_out
 from diffuse.prepared import verify_prepared
 from diffuse.process import SPACINGS
 from diffuse.sampling import SAMPLERS
+from diffuse.signals import Stopped, stopped_by_signals
+
+
+def finite(text: str) -> float:
+    """A number flag: float() takes 'nan' and 'inf', which no flag here means."""
+    value = float(text)  # a ValueError becomes argparse's "invalid finite value: 'x'"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -35,25 +47,41 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        if args.command is None:
-            parser.print_help()
+    with stopped_by_signals() as guard:
+        parser, command = build_parser(), "start-up"
+        try:
+            try:
+                args = parser.parse_args(argv)
+                if args.command is None:
+                    parser.print_help()
+                    return 2
+                command = " ".join(filter(None, (args.command, getattr(args, "data_command", None))))
+                distributed.start()  # under torchrun or accelerate launch: join the other ranks
+                with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
+                    return args.run(args) or 0  # ranks other than 0 print nothing but errors
+            finally:
+                guard.ignore()  # a signal from here on would tear the line below: ignored
+        except Stopped as e:
+            print(f"diffuse: interrupted by {e.name} during {command}; {KEPT.get(command, KEPT[None])}",
+                  file=sys.stderr)
+            return e.exit_code
+        except (UserError, Diverged, Interrupted) as e:
+            print(f"diffuse: {e}", file=sys.stderr)
+            return e.exit_code
+        except OSError as e:  # a read or write met outside the ones that name their file
+            print(f"diffuse: {failure(e.filename or 'a file', e, 'read or write')}", file=sys.stderr)
             return 2
-        distributed.start()  # under torchrun or accelerate launch: join the other ranks
-        with contextlib.redirect_stdout(sys.stdout if distributed.is_main() else io.StringIO()):
-            return args.run(args) or 0  # ranks other than 0 print nothing but errors
-    except (UserError, Diverged, Interrupted) as e:
-        print(f"diffuse: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:  # a full disk or a read-only folder met outside the writes that check for it
-        where = f" {e.filename}" if e.filename else ""
-        print(f"diffuse: could not read or write{where} ({e.strerror or e}); free disk space or fix the "
-              "permissions and re-run: a training run resumes from its newest whole checkpoint.", file=sys.stderr)
-        return 2
-    finally:
-        distributed.stop()
+        finally:
+            distributed.stop()
+
+
+# What a command interrupted by a signal leaves behind (`diffuse.signals`).
+KEPT = {
+    "train": "the checkpoints already written are intact; re-run the same command to resume.",
+    "distill": "the checkpoints already written are intact; re-run the same command to resume.",
+    "data prepare": "no DATA_DIR was written or replaced, and no partial file is left.",
+    None: "the files written before it are intact, and no partial file is left.",
+}
 
 
 def build_parser() -> ArgumentParser:
@@ -88,7 +116,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--cond-channels", type=int, choices=(1, 3), help="paired data: the conditions' channels")
     p.add_argument("--labels", help="a label file (default: dataset.json or labels.csv in the folder)")
     p.add_argument("--limit", type=int, help="only the first N examples, in sorted order")
-    p.add_argument("--heldout", type=float, default=0.1, help="held-out fraction where the source has no test split")
+    p.add_argument("--heldout", type=finite, default=0.1, help="held-out fraction where the source has no test split")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     p.add_argument("--name", help="the data set's name (default: the source's folder or file name)")
     p.add_argument("--image-column", help="Hugging Face: the image column (default: the first Image)")
@@ -137,8 +165,8 @@ def add_sampling_commands(sub) -> None:
 
     p = sub.add_parser("ema", help="post-hoc EMA: reconstruct any EMA length from a run's snapshots, or sweep FD")
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run trained with train.ema = \"power\"")
-    p.add_argument("--sigma-rel", type=float, help="the EMA length to reconstruct into --out")
-    p.add_argument("--at", type=float, metavar="KIMG", help="a snapshot time with a checkpoint (default: the newest)")
+    p.add_argument("--sigma-rel", type=finite, help="the EMA length to reconstruct into --out")
+    p.add_argument("--at", type=finite, metavar="KIMG", help="a snapshot time with a checkpoint (default: the newest)")
     p.add_argument("--out", help="the checkpoint folder to write, for `diffuse sample` and `diffuse eval`")
     p.add_argument("--sweep", action="store_true",
                    help="FD-FMNIST over a range of sigma_rel: RUN_DIR/ema_sweep.json and ema_sweep.svg")
@@ -200,15 +228,15 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     """Flags that override the run's [sample] config (unset ones keep it), and the EMA to sample."""
-    p.add_argument("--ema", type=float, metavar="SIGMA_REL",
+    p.add_argument("--ema", type=finite, metavar="SIGMA_REL",
                    help="sample the power-function EMA of this length, reconstructed post hoc (train.ema = power)")
     p.add_argument("--sampler", choices=SAMPLERS)
     p.add_argument("--steps", type=int)
     p.add_argument("--spacing", choices=SPACINGS)
-    p.add_argument("--eta", type=float)
-    p.add_argument("--cfg", type=float, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--rescale", type=float, help="guidance rescale phi in [0, 1]")
-    p.add_argument("--churn", type=float, dest="S_churn", help="heun: EDM's stochastic churn S_churn (0 = none)")
+    p.add_argument("--eta", type=finite)
+    p.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--rescale", type=finite, help="guidance rescale phi in [0, 1]")
+    p.add_argument("--churn", type=finite, dest="S_churn", help="heun: EDM's stochastic churn S_churn (0 = none)")
 
 
 def sampler_flags(args) -> dict:
@@ -242,6 +270,9 @@ def cmd_distill(args) -> None:
 def cmd_sample(args) -> None:
     """Stream the samples into --out a chunk at a time, after checking --out and --grid can be written."""
     check_samples_out(Path(args.out), Path(args.grid) if args.grid else None)
+    for flag, path in (("--out", args.out), ("--grid", args.grid)):
+        if path:
+            check_writable(Path(path), flag)  # before the sampling
     model = api.load(args.source, args.ema, weights=args.weights, device=args.device)
     labels = None if args.labels == "all" else args.labels
     model.save_samples(args.out, args.n, labels, seed=args.seed, progress=progress(), grid=args.grid,

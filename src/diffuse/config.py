@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from diffuse.errors import UserError
-from diffuse.files import read_limited
+from diffuse.files import failure, read_limited
 from diffuse.validation import validate
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 MAX_CONFIG_BYTES = 1 << 20  # a resolved config is ~2 KB; a megabyte is a wrong file (or /dev/zero), not a config
+INT_LIMIT = 2 ** 63  # integers are int64 wherever they go (torch, numpy, seeds)
 
 
 @dataclass
@@ -200,12 +201,17 @@ def _read_toml(path: Path) -> dict:
         return tomllib.loads(read_limited(path, MAX_CONFIG_BYTES, "config"))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist; give the path of a TOML file.") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise UserError(f"config file {path} is a folder; give the path of a TOML file.") from None
+    except OSError as e:
+        raise failure(path, e, "read") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); TOML files are "
+                        "UTF-8: save it as UTF-8.") from None
+    except ValueError as e:  # TOMLDecodeError, and the int() of an integer of over 4300 digits
         raise UserError(f"{path} is not valid TOML ({e}); fix the file.") from None
     except RecursionError:
-        raise UserError(f"{path} nests its values too deeply to be a config; fix the file.") from None
-    except (IsADirectoryError, PermissionError) as e:
-        raise UserError(f"config file {path} cannot be read ({e.strerror}); give the path of a TOML file.") from None
+        raise UserError(f"{path} nests arrays or tables too deeply to read; fix the file.") from None
 
 
 def parse_value(text: str) -> Any:
@@ -214,6 +220,10 @@ def parse_value(text: str) -> Any:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except ValueError:  # an integer of over 4300 digits
+        raise UserError(f"--set value {text[:20]}... is a number too long to read; give a plain value.") from None
+    except RecursionError:
+        raise UserError(f"--set value {text[:20]}... nests arrays too deeply; give a plain value.") from None
 
 
 def read_config(path: Path) -> Config:
@@ -263,21 +273,36 @@ def _coerce(key: str, kind, value):
     if value is None and optional:
         return None
     if get_origin(base) is list and get_args(base) == (float,):
-        if not isinstance(value, list) or not all(type(v) in (int, float) and math.isfinite(v) for v in value):
+        if not isinstance(value, list) or not all(type(v) in (int, float) and finite(v) for v in value):
             raise UserError(f"{key} must be a list of numbers such as [0.1, 0.05], not {value!r}.")
         return [float(v) for v in value]
     if get_origin(base) is list:
-        if not isinstance(value, list) or not all(type(v) is int for v in value):
+        if not isinstance(value, list) or not all(type(v) is int and abs(v) < INT_LIMIT for v in value):
             raise UserError(f"{key} must be a list of integers such as [64, 128], not {value!r}.")
         return list(value)
     if base is float and type(value) in (int, float):
-        if not math.isfinite(value):
-            raise UserError(f"{key} must be a finite number, not {value!r}.")
+        if not finite(value):
+            raise UserError(f"{key} must be a finite number, not {_shown(value)}.")
         return float(value)
+    if base is int and type(value) is int and abs(value) >= INT_LIMIT:
+        raise UserError(f"{key} must be an integer of at most 2**63 - 1, not {_shown(value)}.")
     if type(value) is base:
         return value
     names = {float: "a number", int: "an integer", bool: "true or false", str: "a string"}
     raise UserError(f"{key} must be {names.get(base, base.__name__)}, not {value!r}.")
+
+
+def finite(v: int | float) -> bool:
+    """Whether a TOML number is a finite float64; an integer too large for one is not."""
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 # ---------------------------------------------------------------------------------------------

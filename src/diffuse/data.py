@@ -14,6 +14,7 @@ import mmap
 import os
 import shutil
 import urllib.request
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -118,7 +119,7 @@ def read_idx(path: Path, fix: str = "point DIFFUSE_FMNIST_DIR at the four Fashio
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:  # gzip.BadGzipFile and a truncated stream among them
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile, a truncated or a corrupt stream among them
         raise UserError(f"{path} cannot be read as {'a gzipped ' if path.suffix == '.gz' else 'an '}IDX file "
                         f"({e}); {fix}.") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from diffuse import losses
 from diffuse.checkpoint import load_denoiser
 from diffuse.config import RESUMABLE_CHANGES, Config, load_config, to_dict
+from diffuse.files import writing
 from diffuse.data import TrainData, dataset
 from diffuse.denoiser import Denoiser, append_dims
 from diffuse.nets import build_denoiser
@@ -348,10 +349,11 @@ def read_store(path: Path) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    tmp.replace(path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(obj, indent=1) + "\n")
+        tmp.replace(path)
 
 
 def compare_early_loss(config: Config, steps: int, loss: float, label: str = "") -> Check:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from diffuse.errors import UserError
-from diffuse.files import fsync_path
+from diffuse.files import fsync_path, writing
 
 PHEMA_DIR = "phema"  # the snapshots' folder in a run directory
 SIGMA_REL_MAX = math.sqrt(1 / 12)  # sigma_rel at gamma = 0 (a uniform average), about 0.2887
@@ -189,13 +189,11 @@ class PowerEMA:
 def write_safetensors_atomic(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
     """Write a safetensors file under a temporary name, flush it, and rename it into place."""
     tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    try:
+    with writing(path, tmp):
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=meta)
         fsync_path(tmp)
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
+        fsync_path(path.parent)
 
 
 # ---------------------------------------------------------------------------------------------

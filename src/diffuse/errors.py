@@ -6,6 +6,8 @@
     3   Diverged: training met a non-finite loss or gradient under train.nonfinite = "stop"
     75  Interrupted: SIGTERM or SIGINT; the run wrote a checkpoint, and re-running the command resumes it
         (75 is EX_TEMPFAIL of sysexits.h: "try again later")
+    130 Stopped by SIGINT anywhere else (start-up, sample, eval, ...), 143 by SIGTERM: 128 + the signal,
+        as a shell reports it; no temporary file is left (`diffuse.signals`)
 """
 
 

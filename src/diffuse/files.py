@@ -1,12 +1,20 @@
-"""Small file helpers shared by the data loader, checkpoints and the shipped feature network."""
+"""Small file helpers shared by the data loader, checkpoints and the shipped feature network; the one
+sentence of a failed write (`failure`, `writing`), a check before long work (`check_writable`), and
+JSON read from untrusted files (`read_json`)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
+import re
+import shutil
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 
 from diffuse.errors import UserError
 
@@ -52,3 +60,105 @@ def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
         return tuple(shape), fortran, dtype, f.tell()
     except (ValueError, SyntaxError, TypeError, OSError, EOFError):  # numpy's kinds of complaint on a broken header
         return None
+# ---------------------------------------------------------------------------------------------
+# Failed reads and writes, in one sentence that names the file and the real cause.
+
+# What to do about each cause; a cause not listed gets its strerror and "fix it and re-run".
+FIXES = {
+    errno.ENOSPC: "the disk is full; free disk space and re-run",
+    errno.EDQUOT: "the disk quota is used up; free space and re-run",
+    errno.EFBIG: "the file is larger than the file system allows; choose another place",
+    errno.EISDIR: "it is a folder; give the path of a file",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose another path",
+    errno.EEXIST: "something of that name is already there; choose another path",
+    errno.ENOENT: "it or its folder does not exist; check the path",
+    errno.EACCES: "it is not writable (permission denied); fix its permissions or choose another path",
+    errno.EPERM: "the operation is not permitted there; fix its permissions or choose another path",
+    errno.EROFS: "it is on a read-only file system; choose a writable path",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+    errno.EIO: "the disk reported an input/output error; check the disk",
+}
+
+
+def error_number(e: BaseException) -> int | None:
+    """The errno of an OSError, or the one safetensors' error quotes ("... Os { code: 28, ...")."""
+    if isinstance(e, OSError):
+        return e.errno
+    found = re.search(r"code: (\d+)", str(e))
+    return int(found.group(1)) if found else None
+
+
+def failure(path: Path | str, e: BaseException, doing: str = "write") -> UserError:
+    """The UserError of a failed `doing` ('write', 'read') of `path`: the path, the cause and its fix."""
+    number = error_number(e)
+    said = f" ({os.strerror(number)})" if number else ""
+    return UserError(f"could not {doing} {path}{said}: {cause(e)}.")
+
+
+def cause(e: BaseException) -> str:
+    """What went wrong in a failed read or write, and its fix: "the disk is full; free disk space and re-run"."""
+    return FIXES.get(error_number(e)) or f"{getattr(e, 'strerror', None) or str(e).splitlines()[0]}; fix it and re-run"
+
+
+@contextmanager
+def writing(path: Path | str, *temporaries: Path):
+    """Write `path` inside this block: a failure (OSError, or safetensors' own error on a full disk)
+    becomes one UserError naming it, and the `temporaries` (files or folders) are removed whatever
+    ends the block, a signal's exception included."""
+    try:
+        yield
+    except (OSError, SafetensorError) as e:
+        remove(*temporaries)
+        raise failure(path, e) from None
+    except BaseException:
+        remove(*temporaries)
+        raise
+
+
+def remove(*paths: Path) -> None:
+    """Remove files or folders where they exist; a path that cannot be there (its folder is a file) is skipped."""
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError, NotADirectoryError):
+                p.unlink()
+
+
+def check_writable(path: Path | str, what: str) -> None:
+    """Before long work: `path` (a file to write) can be created or replaced. Creates and removes a
+    probe file beside it, so read-only file systems, permissions and folders in the way all show."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder; give the path of a file.")
+    parent = path.parent
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"{what} {path} cannot be written: {existing} is a file, not a folder; choose another path.")
+    probe = (existing or Path(".")) / f".diffuse-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as e:
+        raise UserError(f"{what} {path} cannot be written: {cause(e)}.") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading JSON that someone else may have written.
+
+
+def read_json(path: Path, limit: int | None = None):
+    """The JSON value in `path`, refusing what Python's json would take but no writer of ours gives:
+    text that is not UTF-8, NaN and Infinity, and nesting deep enough to exhaust the stack.
+    Raises ValueError (UnicodeDecodeError and JSONDecodeError are ValueErrors) or OSError; with a
+    `limit` in bytes, a larger file or one not UTF-8 is a UserError (`read_limited`)."""
+    text = Path(path).read_bytes().decode("utf-8") if limit is None else read_limited(Path(path), limit, "JSON file")
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("it nests values too deeply") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from diffuse.errors import UserError
-from diffuse.files import read_npy_header
+from diffuse.files import failure, read_npy_header, writing
 
 
 MAX_SAMPLES = 10**7  # images in one samples file: 200 times a 50k FID, and 7.8 GB even at 28x28 grey
@@ -76,6 +76,8 @@ class NpzWriter:
             pass
         finally:
             self.tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):  # a full disk, a folder in the way: one sentence naming the file
+            raise failure(self.path, error) from None
 
 
 def member_header(z: zipfile.ZipFile, name: str, path: Path, archive_bytes: int) -> tuple[tuple[int, ...], np.dtype]:
@@ -235,7 +237,8 @@ def save_scatter(path: Path, points: np.ndarray, labels: np.ndarray, size: int =
 
 def _save_png(img: Image.Image, path: Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(path)
+    with writing(path, tmp):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(tmp)
+        tmp.replace(path)

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from diffuse.errors import UserError
+from diffuse.files import cause
 
 LOCK = ".lock"
 
@@ -23,12 +24,13 @@ def run_lock(run_dir: Path, command: str):
     Creates run_dir if it does not exist, and removes it again if the block wrote nothing there."""
     run_dir = Path(run_dir)
     created = not run_dir.exists()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"cannot write to the run directory {run_dir}: it is a file, not a folder; choose a new --out.")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose a writable "
-                        "--out with free space.") from None
+        raise UserError(f"cannot write to the run directory {run_dir}: {cause(e)}; choose another --out.") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

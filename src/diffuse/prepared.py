@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from diffuse.errors import UserError
-from diffuse.files import fsync_path, read_npy_header, sha256_file
+from diffuse.files import failure, fsync_path, read_npy_header, sha256_file
 from diffuse.images import grid
 
 FORMAT, VERSION = "diffuse-data", 1
@@ -271,8 +271,7 @@ def write_prepared(out: str | Path, fill: Callable[[Path], dict]) -> Prepared:
         fsync_path(tmp)
         publish(tmp, out)
     except OSError as e:
-        raise UserError(f"could not write {e.filename or tmp} ({e.strerror or e}); free disk space or choose "
-                        "another --out.") from None
+        raise failure(out, e) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_prepared(out)

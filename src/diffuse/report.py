@@ -16,6 +16,8 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from diffuse.files import writing
+
 WIDTH, HEIGHT = 520, 290                   # one plot, in SVG user units (= CSS pixels)
 LEFT, RIGHT, TOP, BOTTOM = 64, 14, 42, 44  # margins around the plot area: title and legend rows, ticks
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
@@ -35,8 +37,9 @@ def write_report(run_dir: Path) -> Path:
             eval_section(run_dir), ema_sweep_section(run_dir), sampler_section(run_dir), config_section(config_text)]
     page = PAGE.format(title=name, style=STYLE, body="\n".join(body), script=SELF_CHECK)
     path, tmp = run_dir / "report.html", run_dir / "report.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    with writing(path, tmp):
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(path)
     return path
 
 

@@ -40,6 +40,7 @@ from diffuse.data import Dataset, Scaling, TrainData
 from diffuse.denoiser import Denoiser
 from diffuse.ema import PHEMA_DIR, PowerEMA
 from diffuse.errors import Diverged, Interrupted, UserError
+from diffuse.files import writing
 from diffuse.lock import LOCK, run_lock
 from diffuse.metrics.probe import Probe
 from diffuse.outputs import MAX_EVENT_BYTES, RUN_MARK, check_run_out
@@ -122,18 +123,16 @@ def load_data(config: Config, dataset: Dataset, device: torch.device) -> TrainDa
 
 
 def write_config(run_dir: Path, config: Config) -> None:
-    try:
+    tmp = run_dir / "config.toml.tmp"
+    with writing(run_dir / "config.toml", tmp):
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.toml.tmp"
         tmp.write_text(f"{RUN_MARK}\n{to_toml(config)}")
         tmp.replace(run_dir / "config.toml")
-    except OSError as e:
-        raise UserError(f"cannot write to the run directory {run_dir} ({e.strerror or e}); choose a writable "
-                        "--out with free space.") from None
 
 
 def append_jsonl(path: Path, event: dict) -> None:
-    with open(path, "a") as f:
+    with writing(path), open(path, "a") as f:
         f.write(json.dumps(event) + "\n")
 
 
@@ -145,8 +144,9 @@ def trim_events(path: Path, nimg: int) -> None:
     kept = [line for line in lines if event_kimg(line) is not None and event_kimg(line) <= nimg / 1000]
     if len(kept) < len(lines):
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(path)
+        with writing(path, tmp):
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
 
 
 def event_lines(path: Path):
@@ -202,9 +202,14 @@ def restore(run_dir: Path, job: Job, log) -> int:
     if conflicts:
         raise UserError(f"checkpoint {path} was written with other settings than {run_dir / 'config.toml'} "
                         f"({', '.join(conflicts)} differ); it belongs to another run: move it away.")
+    batch = saved.train.batch
+    if state["nimg"] % batch or state.get("step", state["nimg"] // batch) != state["nimg"] // batch:
+        raise UserError(f"{path / 'state.json'} says step {state.get('step')} at {state['nimg']} images, which "
+                        f"batches of {batch} never reach; the file is damaged: move the checkpoint away.")
     try:
         job.restore(tensors, state)
-    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as e:  # fields of the
+        # wrong type in state.json among them
         raise UserError(f"checkpoint {path} does not fit the model its config describes "
                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); move it away.") from None
     return state["nimg"]
@@ -308,8 +313,9 @@ class StopRequest:
 def stop_requests():
     """Turn SIGTERM and SIGINT into a request that the loop answers after its current step.
 
-    A second signal of either kind stops at once (KeyboardInterrupt). Handlers are installed only
-    in the main thread (Python allows no other) and restored on exit.
+    A second signal of either kind stops at once: it goes to the handler that was there before
+    (`diffuse.signals` under the command line: one line, exit 130 or 143; KeyboardInterrupt elsewhere).
+    Handlers are installed only in the main thread (Python allows no other) and restored on exit.
     """
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
@@ -317,9 +323,12 @@ def stop_requests():
         return
 
     def request(signum, frame):
-        if stop.requested:
+        if not stop.requested:
+            stop.requested = signal.Signals(signum).name
+        elif callable(previous[signum]):
+            previous[signum](signum, frame)
+        else:
             raise KeyboardInterrupt
-        stop.requested = signal.Signals(signum).name
 
     previous = {sig: signal.signal(sig, request) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

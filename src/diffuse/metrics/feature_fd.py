@@ -35,14 +35,20 @@ def check_images(images: torch.Tensor | np.ndarray, shape: tuple[int, int, int],
     return images
 
 
-def check_labels(labels, n: int) -> torch.Tensor | None:
-    """Labels as int64 (N,) on the CPU, or None; UserError if there is not one per image."""
+def check_labels(labels, n: int, classes: int | None = None) -> torch.Tensor | None:
+    """Labels as int64 (N,) on the CPU, or None; UserError if there is not one per image, or (with
+    `classes`) one is neither -1 (unconditional) nor a class 0..classes-1 of the feature net."""
     if labels is None:
         return None
     labels = torch.as_tensor(labels).reshape(-1)
     if len(labels) != n:
         raise UserError(f"got {len(labels)} labels for {n} images; pass one label per image.")
-    return labels.to("cpu", torch.int64)
+    labels = labels.to("cpu", torch.int64)
+    outside = labels[(labels < -1) | (labels >= (classes if classes is not None else 2 ** 62))]
+    if len(outside):
+        raise UserError(f"label {outside[0].item()} is not one of the {classes} classes 0..{classes - 1} (or -1 for "
+                        f"an unconditional sample); {len(outside)} of the {n} labels are outside them: fix the labels.")
+    return labels
 
 
 def hits(logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[int, int]:

@@ -71,7 +71,7 @@ def _read_json(path: Path, fmt: str, keys: tuple[str, ...], fix: str) -> dict:
         raise UserError(f"{path} is over {JSON_LIMIT} bytes, too large to be a {fmt} file; {fix}.")
     try:
         meta = json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{path} is not UTF-8 JSON ({type(e).__name__}); {fix}.") from None
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise UserError(f"{path} is not a {fmt} file (its \"format\" must be \"{fmt}\"); {fix}.")

@@ -43,7 +43,7 @@ def evaluate_images(images: torch.Tensor | np.ndarray, labels: torch.Tensor | np
     the fraction of the images with a label >= 0 that the classifier puts in that class.
     """
     images = _check_images(images, at_least=1 if across_ranks else 2)
-    labels = check_labels(labels, len(images))  # before the slow part
+    labels = check_labels(labels, len(images), classes=10)  # before the slow part
     device = str(torch.device(device))
     features, logits = _net(device).features_and_logits(images)
     return fd_result(features, logits, labels, _reference_stats(device), "FD-FMNIST", device, across_ranks)

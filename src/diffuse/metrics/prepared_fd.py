@@ -37,7 +37,8 @@ def evaluate_prepared(data_dir: str | Path, images: torch.Tensor | np.ndarray,
     meta = read_features_meta(data_dir)
     r, c = meta["resolution"], meta["channels"]
     images = check_images(images, (r, r, c), name, at_least=1 if across_ranks else 2)
-    labels = check_labels(labels, len(images))  # before the slow part
+    classes = meta["outputs"] if meta["method"] == "classifier" else None
+    labels = check_labels(labels, len(images), classes)  # before the slow part
     ref = load_reference(data_dir, meta)
     features, logits = load_feature_net(data_dir, device).features_and_logits(images)
     if meta["method"] != "classifier":
