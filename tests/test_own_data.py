@@ -86,8 +86,8 @@ def test_xflip_mirrors_about_half_the_batch_and_nothing_else(rgb32):
 
 
 @pytest.mark.parametrize("side, channels, want", [
-    (16, 1, ([32, 64], 64)), (28, 1, ([32, 64, 128], 64)), (32, 3, ([64, 128, 256], 64)),
-    (64, 3, ([64, 128, 256, 256], 32)), (256, 3, ([64, 128, 256, 256, 256, 256], 8))])
+    (16, 1, ([32, 64], 64)), (28, 1, ([32, 64, 128], 64)), (32, 3, ([32, 64, 128], 64)),
+    (64, 3, ([32, 64, 128, 128], 32)), (256, 3, ([32, 64, 128, 128, 128, 128], 8))])
 def test_the_net_is_sized_by_the_rule_for_every_resolution(tmp_path, side, channels, want):
     images = np.zeros((4, side, side, channels), np.uint8)
     ds = dataset(DataConfig(name="prepared", path=str(write_data_dir(tmp_path / "d", images, heldout=0.5))))
