@@ -1,15 +1,31 @@
 """Config reading, overrides and validation: every mistake is one sentence naming the key."""
 
+import tomllib
+
+import numpy as np
 import pytest
 
-from diffuse.config import Config, load_config, preset_names, read_config, to_toml
+from diffuse.config import Config, load_config, preset_names, preset_path, read_config, to_toml
 from diffuse.errors import UserError
+from diffuse.preparing import PrepareOptions, prepare
+
+
+def prepared_for(preset: str, folder) -> list[str]:
+    """The overrides that give a preset for prepared data (data.name 'prepared') a small DATA_DIR of its size."""
+    if tomllib.loads(preset_path(preset).read_text()).get("data", {}).get("name") != "prepared":
+        return []
+    side = int(preset.removeprefix("rgb"))
+    g = np.random.default_rng(0)
+    np.savez(folder / f"{preset}.npz", images=g.integers(0, 256, (8, side, side, 3), dtype=np.uint8),
+             labels=np.arange(8) % 2)
+    prepare([folder / f"{preset}.npz"], folder / preset, PrepareOptions(heldout=0.25), log=lambda *a: None)
+    return [f"data.path='{folder / preset}'", "train.fd_kimg=0"]
 
 
 def test_presets_load_and_round_trip_through_toml(tmp_path):
-    assert {"fmnist", "fmnist-tiny", "toy2d"} <= set(preset_names())
+    assert {"fmnist", "fmnist-tiny", "toy2d", "rgb32", "rgb64"} <= set(preset_names())
     for name in preset_names():
-        config = load_config(name)
+        config = load_config(name, overrides=prepared_for(name, tmp_path))
         path = tmp_path / f"{name}.toml"
         path.write_text(to_toml(config))
         assert read_config(path) == config
