@@ -97,3 +97,28 @@ def test_compile_that_cannot_work_is_one_sentence(tiny, monkeypatch):
     message = str(caught.value)
     assert "\n" not in message and message.endswith("set train.compile = false.")
     assert "No working C++ compiler found" in message
+
+
+def test_auto_precision_takes_bf16_only_where_the_device_computes_it(monkeypatch):
+    from diffuse import speed
+
+    monkeypatch.setattr(speed, "native_bf16", lambda device: True)
+    assert speed.chosen_precision("auto", "cpu")[0] == "bf16"
+    monkeypatch.setattr(speed, "native_bf16", lambda device: False)
+    precision, why = speed.chosen_precision("auto", "cpu")
+    assert precision == "fp32" and "no native bf16" in why
+    assert speed.chosen_precision("bf16", "cpu")[0] == "bf16"  # asked for: kept, however slow
+    assert speed.chosen_precision("fp32", "cpu")[0] == "fp32"
+
+
+def test_a_run_records_the_precision_auto_chose(tmp_path):
+    from diffuse import api, speed
+    from diffuse.config import load_config
+
+    said = []
+    run = api.train("fmnist-tiny", tmp_path / "run", ["train.kimg=0.064", "train.batch=32", "train.probe_kimg=0",
+                                                      "train.fd_kimg=0", "train.threads=1"],
+                    device="cpu", log=said.append)
+    want = "bf16" if speed.native_bf16("cpu") else "fp32"
+    assert load_config(None, run / "config.toml").train.precision == want
+    assert [s for s in said if s.startswith(f"precision: {want} (auto: cpu")]

@@ -49,7 +49,7 @@ from diffuse.ema import ema_beta, update_ema
 from diffuse.files import fsync_path
 from diffuse.losses import draw_noise
 from diffuse.process import EDM
-from diffuse.run import claimed, drive, load_data, restore, resume_config, silent, write_config
+from diffuse.run import claimed, drive, load_data, resolve_precision, restore, resume_config, silent, write_config
 from diffuse.sampling import Guided, ImageNoise, sample
 from diffuse.seeding import derive_seed, image_seeds
 from diffuse.speed import autocast
@@ -276,6 +276,7 @@ def distill(config: Config, teacher_dir: Path, run_dir: Path, device: str | torc
     log = log if main else silent
     with claimed(run_dir, "distill"):
         config = resume_config(run_dir, config)
+        resolve_precision(config, torch.device(device), log)
         t, d, data_set = config.train, config.distill, dataset(config.data)
         distributed.check_batch(t.batch)
         if t.threads:

@@ -46,6 +46,7 @@ from diffuse.metrics.probe import Probe
 from diffuse.outputs import MAX_EVENT_BYTES, RUN_MARK, check_run_out
 from diffuse.report import write_report
 from diffuse.seeding import derive_seed
+from diffuse.speed import chosen_precision
 from diffuse.watching import timed, training_fd, write_grid
 
 
@@ -105,6 +106,13 @@ def resume_config(run_dir: Path, config: Config) -> Config:
         raise UserError(f"{run_dir} was trained with other settings ({', '.join(conflicts)} differ); "
                         "re-run with the same settings to resume, or choose a new --out.")
     return config
+
+
+def resolve_precision(config: Config, device: torch.device, log) -> None:
+    """train.precision "auto" made fp32 or bf16 for this device (`speed.chosen_precision`), said once;
+    the run's config.toml then records the choice."""
+    config.train.precision, why = chosen_precision(config.train.precision, device)
+    log(f"precision: {config.train.precision} ({why})")
 
 
 def scaling_of(config: Config) -> Scaling | None:

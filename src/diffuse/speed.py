@@ -25,9 +25,19 @@ def autocast(t: TrainConfig, device: torch.device | str) -> contextlib.AbstractC
     exponent range, so unlike fp16 it needs no loss scaling. The backward pass runs outside the
     context (as PyTorch recommends) and follows the dtypes the forward chose.
     """
-    if t.precision == "fp32":
+    if chosen_precision(t.precision, device)[0] == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def chosen_precision(precision: str, device: torch.device | str) -> tuple[str, str]:
+    """(fp32 | bf16, why) for train.precision: "auto" takes bf16 where the device computes it natively
+    (`native_bf16`) and fp32 elsewhere, where emulated bf16 is far slower than fp32."""
+    if precision != "auto":
+        return precision, "train.precision asks for it"
+    if native_bf16(device):
+        return "bf16", f"auto: {torch.device(device)} computes bf16 natively"
+    return "fp32", f"auto: {torch.device(device)} has no native bf16 (no AVX-512 BF16 or AMX), where it is emulated"
 
 
 def to_memory_format(x: torch.Tensor, t: TrainConfig) -> torch.Tensor:

@@ -31,7 +31,7 @@ from diffuse.ema import PowerEMA, ema_beta, update_ema
 from diffuse.losses import draw_noise, loss_at
 from diffuse.metrics.probe import Probe, fit_baseline
 from diffuse.nets import build_denoiser
-from diffuse.run import claimed, drive, load_data, restore, resume_config, silent, write_config
+from diffuse.run import claimed, drive, load_data, resolve_precision, restore, resume_config, silent, write_config
 from diffuse.watching import overhead_line
 from diffuse.sampling import null_condition
 from diffuse.seeding import derive_seed
@@ -46,6 +46,7 @@ def train(config: Config, run_dir: Path, device: str | torch.device = "cpu", pro
     log = log if main else silent
     with claimed(run_dir, "train"):
         config = resume_config(run_dir, config)
+        resolve_precision(config, torch.device(device), log)
         t, data_set = config.train, dataset(config.data)
         distributed.check_batch(t.batch)
         if t.threads:

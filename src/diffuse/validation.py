@@ -32,7 +32,7 @@ CHOICES = {
     "train.lr_schedule": ("constant", "inv_sqrt"),
     "train.loss_weighting": ("uniform", "uncertainty"),
     "train.ema": ("traditional", "power"),
-    "train.precision": ("fp32", "bf16"),
+    "train.precision": ("auto", "fp32", "bf16"),
 }
 POSITIVE = {"data.factor", "diffusion.sigma_data", "diffusion.P_std", "diffusion.sigma_min", "diffusion.sigma_max",
             "diffusion.rho", "train.lr_ref_kimg", "train.ema_snapshot_kimg", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",
