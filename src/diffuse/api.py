@@ -311,7 +311,7 @@ def _sweep(run_dir: Path, sigma_rels: Sequence[float], n: int, at: float | None,
     sweep = {"checkpoint": str(checkpoint), "n": n, **drawn.settings, "tracked_sigma_rel": tracked,
              "best": min(rows, key=lambda r: r["fd"]), "rows": rows}
     (run_dir / "ema_sweep.json").write_text(json.dumps(sweep, indent=1))
-    (run_dir / "ema_sweep.svg").write_text(ema_sweep_plot(rows))
+    (run_dir / "ema_sweep.svg").write_text(ema_sweep_plot(rows, fd_name(model.dataset.features)))
     write_report(run_dir)
     return sweep
 

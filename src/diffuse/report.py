@@ -16,7 +16,9 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from diffuse.errors import UserError
 from diffuse.files import writing
+from diffuse.metrics.features import fd_name, is_prepared
 
 WIDTH, HEIGHT = 520, 290                   # one plot, in SVG user units (= CSS pixels)
 LEFT, RIGHT, TOP, BOTTOM = 64, 14, 42, 44  # margins around the plot area: title and legend rows, ticks
@@ -30,11 +32,13 @@ def write_report(run_dir: Path) -> Path:
     name = escape(run_dir.resolve().name)
     events = by_kind(read_events(run_dir / "metrics.jsonl"))
     config_text = read_text(run_dir / "config.toml")
+    label = fd_label(config_text)
     body = [f"<h1>{name}</h1>",
             status_section(events, config_text, read_json(run_dir / "eval.json")[0]),
             '<p id="self-check">self-check did not run (JavaScript is off)</p>',
-            plots_section(events), grids_section(run_dir), doctor_section(run_dir),
-            eval_section(run_dir), ema_sweep_section(run_dir), sampler_section(run_dir), config_section(config_text)]
+            plots_section(events, label), grids_section(run_dir), doctor_section(run_dir),
+            eval_section(run_dir), ema_sweep_section(run_dir, label), sampler_section(run_dir, label),
+            config_section(config_text)]
     page = PAGE.format(title=name, style=STYLE, body="\n".join(body), script=SELF_CHECK)
     path, tmp = run_dir / "report.html", run_dir / "report.html.tmp"
     with writing(path, tmp):
@@ -150,13 +154,30 @@ def fmt(value, spec: str, missing: str = "?") -> str:
     return str(value) if isinstance(value, float) else missing
 
 
-def plots_section(events: dict[str, list[dict]]) -> str:
+def fd_label(config_text: str) -> str:
+    """How the run's FD is written, from its config.toml: FD-FMNIST, FD-<name> of a prepared data set, or FD."""
+    try:
+        data = tomllib.loads(config_text).get("data", {})
+    except (tomllib.TOMLDecodeError, RecursionError, AttributeError):
+        return "FD"
+    name, path = data.get("name", "fmnist"), data.get("path")
+    if name == "fmnist":
+        return "FD-FMNIST"
+    if name == "prepared" and isinstance(path, str) and is_prepared(path):
+        try:
+            return fd_name(path)
+        except UserError:  # its data.json is damaged: the report still opens
+            return "FD"
+    return "FD"
+
+
+def plots_section(events: dict[str, list[dict]], label: str = "FD") -> str:
     train, fd, probe = events["train"], events["fd"], events["probe"]
     plots = [
         svg_plot({"loss": series(train, "loss"), "grad norm": series(train, "grad_norm")},
                  "Training loss", "value (log scale)", log_y=True),
         svg_plot({"lr": series(train, "lr")}, "Learning rate", "lr"),
-        svg_plot({"FD": series(fd, "fd")}, "Frechet distance of samples", "FD (log scale)", log_y=True),
+        svg_plot({"FD": series(fd, "fd")}, "Frechet distance of samples", f"{label} (log scale)", log_y=True),
         svg_plot({"class accuracy": series(fd, "accuracy")}, "Class accuracy of samples", "accuracy"),
         svg_plot({"probe": series(probe, "accuracy"), "untrained baseline": series(probe, "baseline")},
                  "Linear probe on bottleneck features", "accuracy"),
@@ -197,13 +218,13 @@ def doctor_section(run_dir: Path) -> str:
     return f'<h2>Doctor</h2>\n{summary}\n<table class="doctor">{head}\n' + "\n".join(rows) + "</table>"
 
 
-def ema_sweep_plot(rows: list[dict]) -> str:
+def ema_sweep_plot(rows: list[dict], label: str = "FD") -> str:
     """FD against sigma_rel from the rows of `diffuse ema --sweep` (ema_sweep.json)."""
     points = [(r["sigma_rel"], r["fd"]) for r in rows if None not in (number(r.get("sigma_rel")), number(r.get("fd")))]
-    return svg_plot({"FD": points}, "FD-FMNIST against the post-hoc EMA length", "FD", x_label="sigma_rel")
+    return svg_plot({label: points}, f"{label} against the post-hoc EMA length", label, x_label="sigma_rel")
 
 
-def ema_sweep_section(run_dir: Path) -> str:
+def ema_sweep_section(run_dir: Path, label: str = "FD") -> str:
     """The post-hoc EMA sweep, when `diffuse ema --sweep` has run: the plot and the best length."""
     sweep, why = read_json(run_dir / "ema_sweep.json")
     if sweep is None:
@@ -213,19 +234,19 @@ def ema_sweep_section(run_dir: Path) -> str:
     line = (f"<p>best sigma_rel {fmt(best.get('sigma_rel'), 'g')} (FD {fmt(best.get('fd'), '.2f')}); the run "
             f"tracked {fmt(tracked, 'g')}; {fmt(sweep.get('n'), 'g')} samples each. "
             f"<code>diffuse ema RUN --sigma-rel S --out CKPT</code> writes any of them.</p>")
-    return f"<h2>Post-hoc EMA</h2>\n{line}\n{ema_sweep_plot(rows)}"
+    return f"<h2>Post-hoc EMA</h2>\n{line}\n{ema_sweep_plot(rows, label)}"
 
 
-def sampler_nfe_plot(rows: list[dict]) -> str:
+def sampler_nfe_plot(rows: list[dict], label: str = "FD") -> str:
     """FD against network evaluations per image, a curve per sampler (benchmarks/sampler_nfe.py's rows)."""
     curves: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if isinstance(r.get("sampler"), str) and None not in (number(r.get("nfe")), number(r.get("fd"))):
             curves.setdefault(r["sampler"], []).append((r["nfe"], r["fd"]))
-    return svg_plot(curves, "FD-FMNIST against network evaluations per image", "FD", log_y=True, x_label="NFE")
+    return svg_plot(curves, f"{label} against network evaluations per image", label, log_y=True, x_label="NFE")
 
 
-def sampler_section(run_dir: Path) -> str:
+def sampler_section(run_dir: Path, label: str = "FD") -> str:
     """The samplers compared at equal network evaluations, when benchmarks/sampler_nfe.py has run."""
     table, why = read_json(run_dir / "sampler_nfe.json")
     if table is None:
@@ -233,7 +254,7 @@ def sampler_section(run_dir: Path) -> str:
     rows = [r for r in table.get("rows", []) if isinstance(r, dict)]
     line = (f"<p>{fmt(table.get('n'), 'g')} samples per point, the same seeds throughout, guidance "
             f"{fmt(table.get('cfg'), 'g')} (a guided evaluation counts both passes).</p>")
-    return f"<h2>Samplers</h2>\n{line}\n{sampler_nfe_plot(rows)}"
+    return f"<h2>Samplers</h2>\n{line}\n{sampler_nfe_plot(rows, label)}"
 
 
 def eval_section(run_dir: Path) -> str:
