@@ -146,7 +146,8 @@ def signal_case(command: str, work: Path, tmp: Path) -> tuple[list[str], tuple[s
         "ema": (["ema", run, "--sweep", "--sigma-rels", "0.05,0.1", "--n", "3000"],
                 ("ema_sweep.json", "ema_sweep.svg", "report.html")),
         "doctor": (["doctor", *TINY[:2], "--set", "model.channels=[8, 16]"], ()),
-        "data prepare": (["data", "prepare", str(work / "images"), "--out", str(tmp / "data")], ()),
+        "data prepare": (["data", "prepare", str(work / "images"), "--out", str(tmp / "data"), "--feature-kimg", "0"],
+                         ()),
     }[command]
 
 

@@ -217,7 +217,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypat
         raise OSError("disk full")
 
     monkeypatch.setattr(ema, "save_file", torn_write)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="could not write .*phema"):
         tracker.save_snapshots(tmp_path)
     assert os.listdir(tmp_path) == [path.name] and path.read_bytes() == before
 

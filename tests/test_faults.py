@@ -206,7 +206,7 @@ def test_an_unwritable_run_directory_is_one_sentence(tmp_path, capsys):
     blocker.write_text("not a folder")
     assert main(["train", *TOY, *IN_PROCESS, "--out", str(blocker / "run")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "cannot write to the run directory" in err
+    assert err.count("\n") == 1 and "cannot be written" in err and "not a writable folder" in err
 
 
 def test_pruning_keeps_the_newest_and_the_best_fd(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 
 from diffuse import model as model_module
 from diffuse.cli import main
+from diffuse.errors import UserError
 from diffuse.images import load_npz
 from diffuse.model import load
 from diffuse.training import train
@@ -107,7 +108,7 @@ def test_a_failed_stream_leaves_no_temporary_and_the_old_file_whole(run, tmp_pat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(model_module, "draw", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match="disk is full"):
         model.save_samples(out, 2, steps=1)
     assert out.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
 

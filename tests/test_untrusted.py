@@ -143,14 +143,18 @@ def test_the_pristine_checkpoint_loads(trained):
 
 
 def test_no_code_path_can_unpickle():
-    """Every torch.load passes weights_only=True, every np.load allow_pickle=False; pickle is not imported."""
+    """Every torch.load passes weights_only=True, every np.load allow_pickle=False; pickle is imported only by
+    the CIFAR reader, whose Unpickler subclass allows numpy's arrays alone (a malicious batch is refused:
+    tests/test_prepare_bad.py), and nothing calls pickle.load or pickle.loads."""
     for path in SRC.rglob("*.py"):
         text = path.read_text()
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, f"{path}: {call}"
-        for call in re.findall(r"np\.load\([^)]*\)", text):
+        for call in re.findall(r"(?<![\w`])np\.load\([^)]*\)", text):
             assert "allow_pickle=False" in call, f"{path}: {call}"
-        assert not re.search(r"^\s*(import|from) (pickle|dill|cloudpickle)", text, re.M), path
+        assert not re.search(r"pickle\.loads?\(|(dill|cloudpickle)", text), path
+        if re.search(r"^\s*(import|from) pickle", text, re.M):
+            assert path.name == "archives.py" and "def find_class(self, module, name)" in text, path
 
 
 # ---------------------------------------------------------------------------------------------

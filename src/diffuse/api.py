@@ -91,7 +91,10 @@ def prepare_data(sources: Sequence[str | Path], out: str | Path, options: Prepar
     if not 0 <= feature_kimg <= 100_000:
         raise UserError(f"--feature-kimg {feature_kimg:g} must lie in 0..100000 (0: train the feature net later).")
     prepared = prepare(sources, out, options, log=log)
-    if feature_kimg > 0:
+    if feature_kimg > 0 and len(prepared.heldout) < 2:
+        log(f"no feature net: {len(prepared.heldout)} held-out image cannot give reference statistics; raise "
+            "--heldout and prepare again to measure an FD")
+    elif feature_kimg > 0:
         train_features(out, feature_kimg, device=device, log=log)
     return prepared
 

@@ -168,7 +168,7 @@ def fill(folder: Path, source: Source, r: int, c: int, cond: tuple[int, int] | N
 
 def shrink(path: Path, k: int) -> None:
     """Keep the first k rows of a .npy file (after skipped images), copying in chunks."""
-    big = np.load(path, mmap_mode="r")
+    big = np.load(path, mmap_mode="r", allow_pickle=False)
     part = path.with_name("part-" + path.name)
     small = np.lib.format.open_memmap(part, "w+", big.dtype, (k, *big.shape[1:]))
     for i in range(0, k, 1024):
