@@ -153,7 +153,7 @@ def assert_one_sentence(err: str):
 
 @pytest.mark.parametrize("args, words", [
     (["--preset", "fmnist-tiyn"], "unknown preset 'fmnist-tiyn' (did you mean 'fmnist-tiny'?)"),
-    (["--set", "train.precision=fp16"], "train.precision = 'fp16' is not one of fp32, bf16"),
+    (["--set", "train.precision=fp16"], "train.precision = 'fp16' is not one of auto, fp32, bf16"),
     (["--set", "train.precison=bf16"], "unknown config key 'train.precison'"),
     (["--set", "train.channels_last=1"], "train.channels_last must be true or false"),
     (["--set", "train.precision"], "is not key=value"),
