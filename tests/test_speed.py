@@ -117,7 +117,7 @@ def test_a_run_records_the_precision_auto_chose(tmp_path):
 
     said = []
     run = api.train("fmnist-tiny", tmp_path / "run", ["train.kimg=0.064", "train.batch=32", "train.probe_kimg=0",
-                                                      "train.fd_kimg=0", "train.threads=1"],
+                                                      "train.fd_kimg=0", "train.threads=1", "train.precision=auto"],
                     device="cpu", log=said.append)
     want = "bf16" if speed.native_bf16("cpu") else "fp32"
     assert load_config(None, run / "config.toml").train.precision == want
