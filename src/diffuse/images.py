@@ -112,11 +112,12 @@ def check_samples_file(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]
                       if n in ("images", "points", "labels")}
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; give a samples .npz or a run directory.") from None
+    # zipfile raises NotImplementedError for a member packed with a compression method it lacks (e.g. deflate64)
     except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as e:
         raise UserError(f"{path} is not a readable .npz file ({e}).") from None
-    rows = arrays.get("images", arrays.get("points"))[0]
-    if rows and rows[0] > MAX_SAMPLES:
-        raise UserError(f"{path} claims {rows[0]} samples, over the limit of {MAX_SAMPLES}; it is not a samples file.")
+    shape = arrays.get("images", arrays.get("points"))[0]
+    if shape and shape[0] > MAX_SAMPLES:
+        raise UserError(f"{path} claims {shape[0]} samples, over the limit of {MAX_SAMPLES}; it is not a samples file.")
     return arrays
 
 
