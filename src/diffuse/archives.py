@@ -20,6 +20,7 @@ import numpy as np
 
 from diffuse.data import read_idx
 from diffuse.errors import UserError
+from diffuse.files import NPY_BROKEN
 from diffuse.sources import Row, Source, why
 
 MAX_MEMBER = 512 << 20  # CIFAR-100's train pickle is 155 MB
@@ -179,7 +180,7 @@ def stream(opener, where: str, shape, dtype, offset: int):
                 if len(buf) != k * row:
                     raise UserError(f"{where} ends early; write it again with numpy.save.")
                 yield np.frombuffer(buf, dtype).reshape((k, *shape[1:]))
-    except (OSError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except NPY_BROKEN as e:
         raise UserError(f"{where} cannot be read ({why(e)}); write it again with numpy.save.") from None
 
 

@@ -10,6 +10,8 @@ import json
 import os
 import re
 import shutil
+import tokenize
+import zipfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -50,6 +52,12 @@ def read_limited(path: Path, limit: int, what: str) -> str:
         raise UserError(f"{path} is not UTF-8 text, so it is no {what}; give the right file.") from None
 
 
+# What numpy (and zipfile under np.load) raise on a broken .npy or .npz: a flipped byte in a header can
+# end its literal early (tokenize.TokenError), make it no literal (SyntaxError, ValueError) or the
+# wrong kind of one (TypeError).
+NPY_BROKEN = (ValueError, SyntaxError, TypeError, tokenize.TokenError, OSError, EOFError, zipfile.BadZipFile)
+
+
 def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
     """(shape, Fortran order, dtype, data offset) from the start of a .npy stream, or None where it has no
     readable header; nothing past the header is read, so a header that lies costs no memory."""
@@ -58,8 +66,10 @@ def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read(f)
         return tuple(shape), fortran, dtype, f.tell()
-    except (ValueError, SyntaxError, TypeError, OSError, EOFError):  # numpy's kinds of complaint on a broken header
+    except NPY_BROKEN:
         return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Failed reads and writes, in one sentence that names the file and the real cause.
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from diffuse.errors import UserError
-from diffuse.files import failure, read_npy_header, writing
+from diffuse.files import NPY_BROKEN, failure, read_npy_header, writing
 
 
 MAX_SAMPLES = 10**7  # images in one samples file: 200 times a 50k FID, and 7.8 GB even at 28x28 grey
@@ -138,7 +138,7 @@ def load_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             images = f["images"]
             labels = f["labels"] if labels_of is not None else np.full(len(images), -1, np.int64)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+    except NPY_BROKEN as e:
         raise UserError(f"{path} is not a readable .npz file ({e}).") from None
     return images, labels.astype(np.int64)
 

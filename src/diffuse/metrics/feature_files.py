@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 
 from diffuse.errors import UserError
-from diffuse.files import fsync_path, sha256_file
+from diffuse.files import NPY_BROKEN, fsync_path, sha256_file
 from diffuse.metrics.fd import FeatureStats
 
 JSON_LIMIT = 1 << 20  # bytes; a data.json or features.json is a few hundred
@@ -115,7 +115,7 @@ def load_reference(data_dir: Path, meta: dict) -> FeatureStats:
     try:
         with np.load(path, allow_pickle=False) as z:
             mu, sigma, n = (np.asarray(z[k]) for k in ("mu", "sigma", "n"))
-    except (OSError, ValueError, KeyError) as e:
+    except (*NPY_BROKEN, KeyError) as e:
         raise UserError(f"{path} is not a reference .npz with mu, sigma and n ({type(e).__name__}); {TRAIN_HINT}.") from None
     d = meta["feature_dim"]
     if (mu.shape != (d,) or sigma.shape != (d, d) or n.shape != () or not np.issubdtype(n.dtype, np.integer)

