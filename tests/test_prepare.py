@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffuse.files import NpyRows, npy_chunks
 from diffuse.prepared import verify_prepared
 from diffuse.preparing import PrepareOptions, prepare
 
@@ -186,6 +187,20 @@ def test_npy_and_npz(tmp_path):
     p = run([tmp_path / "c.npz"], tmp_path / "o4")
     np.testing.assert_array_equal(p.conditions, c)
     assert p.meta["cond_channels"] == 1 and p.condition == "image"
+
+
+def test_npy_rows_and_chunks_without_a_memory_map(tmp_path):
+    """Rows appended to a file opened for more (skipped images) read back with numpy, in any chunking."""
+    x = rand(7, 16, 16, 3)
+    with NpyRows(tmp_path / "a.npy", 10 ** 9, (16, 16, 3)) as rows:  # a 10-digit count, then a 1-digit one
+        for row in x:
+            rows.append(row)
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), x)
+    for chunk_bytes in (1, 16 * 16 * 3 * 3, 1 << 20):
+        np.testing.assert_array_equal(np.concatenate(list(npy_chunks(tmp_path / "a.npy", chunk_bytes))), x)
+    with pytest.raises(ValueError):
+        with NpyRows(tmp_path / "b.npy", 2, (16, 16, 3)) as rows:
+            rows.append(x[0, :8])
 
 
 def test_resize_center_crop_and_crop_refuse(tmp_path):

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from diffuse.cli import main
 from diffuse.errors import UserError
+from diffuse.files import NpyRows
 from diffuse.prepared import open_prepared
 from test_prepare import cifar_tarball, rand, save
 
@@ -156,9 +157,9 @@ def test_hf_without_datasets_is_one_sentence(tmp_path, monkeypatch):
 def test_a_full_disk_is_one_sentence_and_leaves_nothing(tmp_path, monkeypatch):
     src = folder(tmp_path)
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
-    monkeypatch.setattr(np.lib.format, "open_memmap", full)
+    def full(self, row):  # the disk fills up while the rows are written
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(NpyRows, "append", full)
     assert "No space left" in refused(["data", "prepare", src, "--out", tmp_path / "out"], tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

@@ -20,11 +20,10 @@ import numpy as np
 
 from diffuse.data import read_idx
 from diffuse.errors import UserError
-from diffuse.files import NPY_BROKEN
+from diffuse.files import NPY_BROKEN, read_chunks
 from diffuse.sources import Row, Source, why
 
 MAX_MEMBER = 512 << 20  # CIFAR-100's train pickle is 155 MB
-CHUNK = 16 << 20        # bytes read at a time from an array
 CIFAR = {"cifar10": (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
                      ["test_batch"], "batches.meta", "labels", "label_names"),
          "cifar100": (["train"], ["test"], "meta", "fine_labels", "fine_label_names")}
@@ -168,18 +167,11 @@ def npy_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtype
 
 
 def stream(opener, where: str, shape, dtype, offset: int):
-    """The array's rows in chunks of about CHUNK bytes."""
-    row = math.prod(shape[1:]) * dtype.itemsize
-    step = max(1, CHUNK // max(row, 1))
+    """The array's rows in chunks of about CHUNK_BYTES, read with plain reads (no memory map)."""
     try:
         with opener() as f:
             f.read(offset)
-            for start in range(0, shape[0], step):
-                k = min(step, shape[0] - start)
-                buf = f.read(k * row)
-                if len(buf) != k * row:
-                    raise UserError(f"{where} ends early; write it again with numpy.save.")
-                yield np.frombuffer(buf, dtype).reshape((k, *shape[1:]))
+            yield from read_chunks(f, shape, dtype)
     except NPY_BROKEN as e:
         raise UserError(f"{where} cannot be read ({why(e)}); write it again with numpy.save.") from None
 
@@ -192,10 +184,17 @@ def as_nhwc(shape, dtype, where: str) -> tuple[int, ...]:
 
 def open_npy(path: Path, limit: int | None) -> Source:
     with open(path, "rb") as f:
-        shape, dtype, _ = npy_header(f, str(path), path.stat().st_size)
+        shape, dtype, offset = npy_header(f, str(path), path.stat().st_size)
     nhwc = as_nhwc(shape, dtype, str(path))
-    images = np.load(path, mmap_mode="r", allow_pickle=False).reshape(nhwc)
-    return array_source("npy", path, images[:limit])
+    n = min(nhwc[0], limit or nhwc[0])
+
+    def rows():
+        images = (x for chunk in stream(partial(open, path, "rb"), str(path), shape, dtype, offset) for x in chunk)
+        for i in range(n):
+            yield Row(f"{path.name}[{i}]", partial(np.asarray, next(images).reshape(nhwc[1:])))
+
+    return Source("npy", str(path.resolve()), path.resolve().name.split(".")[0], n, rows, {(nhwc[2], nhwc[1])},
+                  nhwc[3] == 1, arrays=True)
 
 
 def open_npz(path: Path, limit: int | None) -> Source:

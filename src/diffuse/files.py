@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tokenize
 import zipfile
 from contextlib import contextmanager, suppress
@@ -68,6 +71,75 @@ def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
         return tuple(shape), fortran, dtype, f.tell()
     except NPY_BROKEN:
         return None
+
+
+# .npy arrays larger than memory, read and written with plain reads and writes. A memory map's touched
+# pages count as the process's resident memory, so mapping a file of several GB and walking it grows
+# the process towards the file's size; these keep it at one chunk.
+CHUNK_BYTES = 16 << 20
+
+
+def read_chunks(f, shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int = CHUNK_BYTES):
+    """The rows of the C-ordered array (shape, dtype) whose data starts at f's position, as arrays of about
+    chunk_bytes each; EOFError where the stream ends early."""
+    row = math.prod(shape[1:]) * dtype.itemsize
+    step = max(1, chunk_bytes // max(row, 1))
+    for start in range(0, shape[0], step):
+        k = min(step, shape[0] - start)
+        buf = f.read(k * row)
+        if len(buf) != k * row:
+            raise EOFError(f"{k * row} bytes wanted, {len(buf)} left")
+        yield np.frombuffer(buf, dtype).reshape((k, *shape[1:]))
+
+
+def npy_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES):
+    """The rows of a .npy file that diffuse wrote itself (so its header is trusted), chunk by chunk."""
+    with open(path, "rb") as f:
+        shape, _, dtype, _ = read_npy_header(f)
+        yield from read_chunks(f, shape, dtype, chunk_bytes)
+
+
+def npy_header_bytes(shape: tuple[int, ...], dtype: np.dtype, size: int = 0) -> bytes:
+    """A version 1.0 .npy header of a C-ordered array, padded with spaces to `size` bytes if it is shorter
+    (the header of fewer rows can so replace the one a file was opened with)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                               "fortran_order": False, "shape": tuple(shape)})
+    head = buf.getvalue()  # magic (6), version (2), text length (2, little-endian), text ending in a newline
+    if len(head) < size:
+        text = head[10:-1] + b" " * (size - len(head)) + b"\n"
+        head = head[:8] + struct.pack("<H", len(text)) + text
+    return head
+
+
+class NpyRows:
+    """A .npy file written a row at a time, for at most n rows: `append(row)`, and on leaving the `with`
+    the header is rewritten with the number appended, so rows left out (unreadable images) cost no copy."""
+
+    def __init__(self, path: Path, n: int, row_shape: tuple[int, ...], dtype=np.uint8):
+        self.row_shape, self.dtype, self.count = tuple(row_shape), np.dtype(dtype), 0
+        head = npy_header_bytes((n, *self.row_shape), self.dtype)
+        self.size = len(head)
+        self.f = open(path, "wb")
+        self.f.write(head)
+
+    def append(self, row: np.ndarray) -> None:
+        row = np.ascontiguousarray(row, self.dtype)
+        if row.shape != self.row_shape:
+            raise ValueError(f"a row of shape {row.shape} in a file of rows {self.row_shape}")
+        self.f.write(row.tobytes())
+        self.count += 1
+
+    def __enter__(self) -> NpyRows:
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            if kind is None:
+                self.f.seek(0)
+                self.f.write(npy_header_bytes((self.count, *self.row_shape), self.dtype, self.size))
+        finally:
+            self.f.close()
 
 
 # ---------------------------------------------------------------------------------------------

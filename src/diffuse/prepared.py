@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from diffuse.errors import UserError
-from diffuse.files import failure, fsync_path, read_npy_header, sha256_file
+from diffuse.files import failure, fsync_path, npy_chunks, read_npy_header, sha256_file
 from diffuse.images import grid
 
 FORMAT, VERSION = "diffuse-data", 1
@@ -235,12 +235,11 @@ def check_out(out: Path) -> None:
                         "empty folder, or a prepared data folder to replace.")
 
 
-def pixel_stats(images: np.ndarray) -> tuple[float, float]:
-    """Mean and std (ddof 0) of all pixels in [0, 1] units, exact from a histogram of the uint8 values."""
+def pixel_stats(chunks) -> tuple[float, float]:
+    """Mean and std (ddof 0) of all pixels in [0, 1] units over uint8 chunks, exact from a histogram."""
     counts = np.zeros(256, np.int64)
-    step = max(1, (1 << 24) // max(1, images[0].size))
-    for i in range(0, len(images), step):
-        counts += np.bincount(np.asarray(images[i:i + step]).ravel(), minlength=256)
+    for chunk in chunks:
+        counts += np.bincount(chunk.ravel(), minlength=256)
     v = np.arange(256, dtype=np.float64) / 255
     mean = float(counts @ v / counts.sum())
     return mean, float(math.sqrt(counts @ (v - mean) ** 2 / counts.sum()))
@@ -258,12 +257,10 @@ def write_prepared(out: str | Path, fill: Callable[[Path], dict]) -> Prepared:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         meta = fill(tmp)
-        images = np.load(tmp / "images.npy", mmap_mode="r", allow_pickle=False)
-        meta["mean"], meta["std"] = pixel_stats(images)
+        meta["mean"], meta["std"] = pixel_stats(npy_chunks(tmp / "images.npy"))
         meta["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                          for p in sorted(tmp.glob("*.npy"))}
-        grid(np.asarray(images[:64]), nrow=8).save(tmp / "preview.png")
-        del images
+        grid(next(npy_chunks(tmp / "images.npy"))[:64], nrow=8).save(tmp / "preview.png")
         check_meta(tmp / "data.json", meta)  # what is written must read back
         (tmp / "data.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         for p in tmp.iterdir():

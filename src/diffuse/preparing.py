@@ -2,8 +2,9 @@
 read, converted into a prepared DATA_DIR (`diffuse.prepared`).
 
 Two passes: the source's headers give the count, sizes and modes; then each image is decoded,
-converted (`diffuse.pixels`) and written row by row into memory-mapped .npy files. An image that
-fails to decode is skipped and reported; more than half skipped is a refusal.
+converted (`diffuse.pixels`) and appended to the .npy files with plain writes (`files.NpyRows`; no memory
+map, so a source larger than memory costs one chunk of it). An image that fails to decode is skipped and
+reported; more than half skipped is a refusal.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import tarfile
 import time
+from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import numpy as np
 
 from diffuse import archives, hfdata, sources
 from diffuse.errors import UserError
+from diffuse.files import NpyRows
 from diffuse.pixels import check_sizes, convert, default_resolution
 from diffuse.prepared import FORMAT, VERSION, Prepared, check_out, write_prepared
 from diffuse.sources import Source, why
@@ -128,23 +131,22 @@ def fill(folder: Path, source: Source, r: int, c: int, cond: tuple[int, int] | N
          log: Callable[[str], None]) -> dict:
     """Write images.npy (and conditions.npy) row by row, then the labels, vectors and held-out split."""
     n = source.count
-    images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (n, r, r, c))
-    conds = np.lib.format.open_memmap(folder / "conditions.npy", "w+", np.uint8, (n, cond[0], cond[0], cond[1])) \
-        if cond else None
-    kept, skipped = [], list(source.skipped)
-    for i, row in enumerate(source.rows()):
-        try:
-            x = convert(row.image(), r, c)
-            y = convert(row.cond(), *cond) if cond else None
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any failure to decode an untrusted image is a skip
-            skipped.append({"file": row.name, "why": why(e)})
-            continue
-        images[len(kept)] = x
-        if conds is not None:
-            conds[len(kept)] = y
-        kept.append(i)
+    with NpyRows(folder / "images.npy", n, (r, r, c)) as images, \
+            (NpyRows(folder / "conditions.npy", n, (cond[0], cond[0], cond[1])) if cond else nullcontext()) as conds:
+        kept, skipped = [], list(source.skipped)
+        for i, row in enumerate(source.rows()):
+            try:
+                x = convert(row.image(), r, c)
+                y = convert(row.cond(), *cond) if cond else None
+            except UserError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to decode an untrusted image is a skip
+                skipped.append({"file": row.name, "why": why(e)})
+                continue
+            images.append(x)
+            if conds is not None:
+                conds.append(y)
+            kept.append(i)
     total = n + len(source.skipped)
     if skipped:
         log(f"skipped {len(skipped)} of {total} image files that could not be read: "
@@ -153,29 +155,8 @@ def fill(folder: Path, source: Source, r: int, c: int, cond: tuple[int, int] | N
         raise UserError(f"{len(skipped)} of the {total} images in {source.path} could not be read (first: "
                         f"{skipped[0]['file'] if skipped else 'none'}), leaving {len(kept)}; fix or remove the broken "
                         "files.")
-    images.flush()
-    del images
-    if len(kept) < n:
-        shrink(folder / "images.npy", len(kept))
-    if conds is not None:
-        conds.flush()
-        del conds
-        if len(kept) < n:
-            shrink(folder / "conditions.npy", len(kept))
     kept = np.array(kept, np.int64)
     return describe(folder, source, kept, skipped, r, c, cond, o)
-
-
-def shrink(path: Path, k: int) -> None:
-    """Keep the first k rows of a .npy file (after skipped images), copying in chunks."""
-    big = np.load(path, mmap_mode="r", allow_pickle=False)
-    part = path.with_name("part-" + path.name)
-    small = np.lib.format.open_memmap(part, "w+", big.dtype, (k, *big.shape[1:]))
-    for i in range(0, k, 1024):
-        small[i:i + 1024] = big[i:min(i + 1024, k)]
-    small.flush()
-    del big, small
-    part.replace(path)
 
 
 def describe(folder: Path, source: Source, kept: np.ndarray, skipped: list, r: int, c: int, cond, o) -> dict:
