@@ -96,7 +96,7 @@ def main(argv=None) -> None:
                "sweep": sweep, "sweep_best_beats_tracked": sweep["best"]["fd"] < tracked["fd"]}
     (args.work / "bench.json").write_text(json.dumps(summary, indent=1))
 
-    print(f"\n| preset | kimg | training s | watching s | sampler | FD-FMNIST (n) | accuracy |")
+    print("\n| preset | kimg | training s | watching s | sampler | FD-FMNIST (n) | accuracy |")
     print("|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {r['preset']} | {r['kimg']:g} | {r['train_seconds']:.0f} | {r['watch_seconds']:.0f} | "
