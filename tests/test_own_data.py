@@ -10,7 +10,7 @@ import torch
 from diffuse import api
 from diffuse.cli import main
 from diffuse.config import DataConfig, load_config
-from diffuse.data import dataset
+from diffuse.data import Split, dataset
 from diffuse.nets import build_net, sized_for
 from diffuse.preparing import PrepareOptions, prepare
 from diffuse.prepared import open_prepared
@@ -83,6 +83,20 @@ def test_xflip_mirrors_about_half_the_batch_and_nothing_else(rgb32):
     mirrored = [torch.equal(f, p.flip(-1)) and not torch.equal(f, p) for f, p in zip(flipped, plain)]
     same = [torch.equal(f, p) for f, p in zip(flipped, plain)]
     assert all(m or s for m, s in zip(mirrored, same)) and 16 < sum(mirrored) < 48
+
+
+def test_a_rank_reads_only_its_block_of_the_batch(rgb32, monkeypatch):
+    """Under a launcher each rank reads its rows of the global batch: the same examples, flipped the same
+    way, as those rows of the whole batch, and no other row of the file."""
+    data = dataset(DataConfig(name="prepared", path=str(rgb32))).load("train")
+    whole, cond, labels = batch_at(data, 2, 64, seed=0, xflip=True)
+    read = []
+    take = Split.images_at
+    monkeypatch.setattr(Split, "images_at", lambda self, index: read.append(len(index)) or take(self, index))
+    for rows in (slice(0, 32), slice(32, 64), slice(21, 43)):
+        x, c, y = batch_at(data, 2, 64, seed=0, xflip=True, rows=rows)
+        assert torch.equal(x, whole[rows]) and torch.equal(c, cond[rows]) and torch.equal(y, labels[rows])
+    assert read == [32, 32, 22]
 
 
 @pytest.mark.parametrize("side, channels, want", [

@@ -84,13 +84,14 @@ class Distillation:
         self.fake_loss = distributed.wrap(FakeLoss(self.fake, self.head), unused or self.head is not None)
 
     def step(self, step: int, lr: float, x_real: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
-        """One iteration on global batch `step`: the generator's turn (every gen_every-th) or a sample of
-        it, the fake score's turn, then the generator's EMA. A turn whose loss or gradient is not finite
-        applies no update (`clipped_step`); the EMA then waits for a finite iteration."""
+        """One iteration on global batch `step`, of which x_real and cond are this rank's block: the
+        generator's turn (every gen_every-th) or a sample of it, the fake score's turn, then the
+        generator's EMA. A turn whose loss or gradient is not finite applies no update
+        (`clipped_step`); the EMA then waits for a finite iteration."""
         config, t = self.config, self.config.train
         rng = torch.Generator().manual_seed(derive_seed(t.seed, "distill", step))
         seed_dropout(derive_seed(t.seed, "dropout", step))
-        z = torch.randn(x_real.shape, generator=rng).to(x_real)
+        z = torch.randn((t.batch, *x_real.shape[1:]), generator=rng).to(x_real)  # the global batch's noise
         set_lr(self.gen_opt, lr)
         set_lr(self.fake_opt, lr)
         out = {}
@@ -182,17 +183,16 @@ def normal(shape, like: torch.Tensor, rng: torch.Generator, mine) -> torch.Tenso
 
 def simulated_input(dist: Distillation, z: torch.Tensor, cond, rng: torch.Generator):
     """(x_in, t_in, cond) of this rank's block for the generator's simulated step, from the global
-    batch's noise z (B, ...) and conditions (B, ...)."""
+    batch's noise z (B, ...) and this rank's block of its conditions."""
     mine = distributed.block(len(z))
     k = simulated_step(dist, rng)
     noises = [normal(z.shape, z, rng, mine) for _ in range(k)]
-    cond = None if cond is None else cond[mine]
     return (*generator_input(dist.generator, z[mine], cond, dist.times, k, noises), cond)
 
 
 def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config,
                    rng: torch.Generator) -> tuple[dict, torch.Tensor]:
-    """One generator update from the global batch's noise z (B, ...) and conditions; returns its
+    """One generator update from the global batch's noise z (B, ...) and this rank's conditions; returns its
     losses (this rank's) and this rank's block of the generated x0_hat, detached."""
     d, n, mine = config.distill, len(z), distributed.block(len(z))
     dist.generator.train()
@@ -219,11 +219,10 @@ def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config,
 
 def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Config, rng: torch.Generator) -> dict:
     """One update of the fake score (and the GAN head) on this rank's block x_gen of the generator's
-    samples (detached here), with the global batch's real images x_real (B, ...) and conditions."""
-    x_gen = x_gen.detach()
+    samples (detached here), with this rank's block of the real images x_real and of the conditions."""
+    x_gen, c = x_gen.detach(), cond
     shape = (len(x_gen) * distributed.size(), *x_gen.shape[1:])  # the global batch: it splits evenly
     mine = distributed.block(shape[0])
-    c = None if cond is None else cond[mine]
     t, eps = draw_noise(dist.fake.process, torch.empty(shape, device=x_gen.device), rng)
     dist.fake.train()
     dist.fake_opt.zero_grad(set_to_none=True)
@@ -237,7 +236,7 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
         eps_gan = normal((2 * shape[0], *shape[1:]), x_gen, rng, index)
         # one pass over both halves: the MP U-Net renormalizes its weights once per training pass
         with autocast(config.train, x_gen.device):
-            logits = dist.fake_loss(torch.cat([x_gen, x_real[mine]]), None if c is None else torch.cat([c, c]),
+            logits = dist.fake_loss(torch.cat([x_gen, x_real]), None if c is None else torch.cat([c, c]),
                                     t_gan, eps_gan, gan=True)
         n = len(x_gen)
         disc = config.distill.gan_disc * (F.softplus(logits[:n]).mean() + F.softplus(-logits[n:]).mean())

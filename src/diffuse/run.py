@@ -59,8 +59,10 @@ class Job(Protocol):
     probed: Denoiser            # the denoiser in training, whose bottleneck the probe reads
 
     def step(self, step: int, lr: float, x0: torch.Tensor, cond: torch.Tensor) -> dict[str, float]:
-        """One update on global batch `step`; returns its losses and gradient norms ("loss" first).
-        A value that is not finite means the job applied no update with it (nor to its EMA)."""
+        """One update on global batch `step`, of which x0 and cond are this rank's block
+        (`distributed.block(train.batch)`; all of it in one process); returns its losses and gradient
+        norms ("loss" first). A value that is not finite means the job applied no update with it (nor
+        to its EMA)."""
 
     def current_ema(self) -> Denoiser:
         """`ema`, brought up to date (the power EMA copies its first profile in)."""
@@ -237,11 +239,12 @@ def drive(job: Job, config: Config, run_dir: Path, data: TrainData, dataset: Dat
         trim_events(metrics, nimg)  # a run killed after its last checkpoint logged steps it will now redo
     window = Window()
     bar = tqdm(total=total, initial=min(nimg, total), unit="img", desc=desc, disable=not progress)
+    mine = distributed.block(t.batch)  # the rows of each global batch this rank reads
     with stop_requests() as stop:
         while nimg < total:
             start = time.perf_counter()
             step = nimg // t.batch
-            x0, cond, labels = batch_at(data, step, t.batch, t.seed, config.data.xflip)
+            x0, cond, labels = batch_at(data, step, t.batch, t.seed, config.data.xflip, mine)
             lr = learning_rate(t, nimg)
             out = job.step(step, lr, x0, cond)
             before, nimg = nimg, nimg + t.batch
@@ -251,8 +254,10 @@ def drive(job: Job, config: Config, run_dir: Path, data: TrainData, dataset: Dat
             else:
                 handle_nonfinite(t.nonfinite, step, out, run_dir, metrics if main else None, where, log)
             bar.update(t.batch)
-            if job.probe and crossed(before, nimg, t.probe_kimg):
-                job.probe.step(job.probed, x0, cond, labels, derive_seed(t.seed, "probe", step))
+            if job.probe and crossed(before, nimg, t.probe_kimg):  # rank 0's probe, on the whole global batch
+                whole = (x0, cond, labels) if distributed.size() == 1 else batch_at(
+                    data, step, t.batch, t.seed, config.data.xflip)
+                job.probe.step(job.probed, *whole, derive_seed(t.seed, "probe", step))
             done = nimg >= total
             # read once, and agreed by every rank: a signal arriving later waits for the next step
             stopping = distributed.agree(stop.requested, device)
@@ -358,10 +363,12 @@ def learning_rate(t: TrainConfig, nimg: int) -> float:
     return lr
 
 
-def batch_at(data: TrainData, step: int, batch: int, seed: int, xflip: bool = False
+def batch_at(data: TrainData, step: int, batch: int, seed: int, xflip: bool = False, rows: slice = slice(None)
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x0, cond, labels) of examples [step * batch, (step + 1) * batch) of an endless stream of
-    per-epoch permutations; with xflip each image (and an image condition) mirrored with probability 1/2."""
+    per-epoch permutations; with xflip each image (and an image condition) mirrored with probability 1/2.
+    rows: the rows of that global batch to read (a rank's block under a launcher); only they are read,
+    and they are the same examples, flipped the same way, as in the whole batch."""
     n = len(data)
     positions = torch.arange(step * batch, (step + 1) * batch)
     epochs, offsets = positions // n, positions % n
@@ -369,9 +376,9 @@ def batch_at(data: TrainData, step: int, batch: int, seed: int, xflip: bool = Fa
     for epoch in epochs.unique().tolist():
         mask = epochs == epoch
         index[mask] = epoch_permutation(n, seed, epoch)[offsets[mask]]
-    x0, cond, labels = data.take(index)
+    x0, cond, labels = data.take(index[rows])
     if xflip:
-        flip = torch.rand(batch, generator=torch.Generator().manual_seed(derive_seed(seed, "xflip", step))) < 0.5
+        flip = (torch.rand(batch, generator=torch.Generator().manual_seed(derive_seed(seed, "xflip", step))) < 0.5)[rows]
         x0 = torch.where(flip.to(x0.device)[:, None, None, None], x0.flip(-1), x0)
         if cond.ndim == 4:
             cond = torch.where(flip.to(cond.device)[:, None, None, None], cond.flip(-1), cond)

@@ -90,7 +90,7 @@ class Training:
         """One optimizer step on global batch `step`, then the EMA's, both skipped if a value is not finite."""
         t, nimg = self.config.train, (step + 1) * self.config.train.batch
         loss, grad_norm = train_step(self.model, self.optimizer, x0, cond, lr, self.config,
-                                     derive_seed(t.seed, "step", step))
+                                     derive_seed(t.seed, "step", step), t.batch)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             if self.phema:
                 self.phema.update(self.denoiser.net, nimg)
@@ -132,20 +132,21 @@ class Training:
 class BlockLoss(nn.Module):
     """The per-sample training loss of this rank's block of a global batch, as a module so DDP can wrap it.
 
-    All the batch's randomness (condition dropout, t, eps) is drawn for the whole global batch from
-    the step's generator and then sliced, so rank r's block gets exactly the draws a single process
-    gives those examples: the update does not depend on the number of ranks.
+    x0 and cond are the block (`distributed.block(n)`) of a global batch of n. All the batch's
+    randomness (condition dropout, t, eps) is drawn for the whole global batch from the step's
+    generator and then sliced, so rank r's block gets exactly the draws a single process gives those
+    examples: the update does not depend on the number of ranks.
     """
 
     def __init__(self, denoiser: Denoiser, cond_drop: float, uncertainty: bool):
         super().__init__()
         self.denoiser, self.cond_drop, self.uncertainty = denoiser, cond_drop, uncertainty
 
-    def forward(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        cond = drop_condition(cond, self.cond_drop, generator)
-        t, eps = draw_noise(self.denoiser.process, x0, generator)
-        mine = distributed.block(len(x0))
-        return loss_at(self.denoiser, x0[mine], cond[mine], t[mine], eps[mine], uncertainty=self.uncertainty)
+    def forward(self, x0: torch.Tensor, cond: torch.Tensor, generator: torch.Generator, n: int) -> torch.Tensor:
+        mine = distributed.block(n)
+        cond = drop_condition(cond, self.cond_drop, generator, n)
+        t, eps = draw_noise(self.denoiser.process, x0.new_empty((n, *x0.shape[1:])), generator)
+        return loss_at(self.denoiser, x0, cond, t[mine], eps[mine], uncertainty=self.uncertainty)
 
 
 def training_loss(denoiser: Denoiser, config: Config) -> nn.Module:
@@ -164,8 +165,9 @@ def seed_dropout(seed: int) -> None:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Tensor, cond: torch.Tensor,
-               lr: float, config: Config, seed: int) -> tuple[float, float]:
-    """One optimizer step on one global batch (x0, cond); returns (loss, gradient norm before clipping).
+               lr: float, config: Config, seed: int, n: int | None = None) -> tuple[float, float]:
+    """One optimizer step on one global batch of n examples (len(x0) by default: one process), of which
+    x0 and cond are this rank's block; returns (loss, gradient norm before clipping).
 
     model: from `training_loss`; under DDP it computes this rank's block and averages the gradients.
     The loss returned is the global batch's mean on every rank. A non-finite loss or gradient norm
@@ -176,7 +178,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Ten
     generator = torch.Generator().manual_seed(seed)
     x0, cond = to_memory_format(x0, config.train), to_memory_format(cond, config.train)
     with autocast(config.train, x0.device):  # bf16 forward and loss if train.precision asks; backward outside
-        loss = model(x0, cond, generator).mean()
+        loss = model(x0, cond, generator, n or len(x0)).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip = config.train.grad_clip if config.train.grad_clip > 0 else math.inf
@@ -191,9 +193,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Ten
     return loss, grad_norm
 
 
-def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
-    """Replace each condition by the null condition (label -1, NaN) with probability p, for CFG."""
-    drop = (torch.rand(len(cond), generator=generator) < p).to(cond.device)
+def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator, n: int) -> torch.Tensor:
+    """Replace each condition of this rank's block `cond` of a global batch of n by the null condition
+    (label -1, NaN) with probability p, for CFG; the draws are the whole batch's, then sliced."""
+    drop = (torch.rand(n, generator=generator)[distributed.block(n)] < p).to(cond.device)
     drop = drop.reshape(-1, *[1] * (cond.ndim - 1))  # (B, 1, ...) against cond (B, ...)
     return torch.where(drop, null_condition(cond), cond)
 
