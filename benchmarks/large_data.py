@@ -1,11 +1,11 @@
 """A data set larger than memory trains without being loaded whole: the peak resident memory of
 `diffuse data prepare` and of `diffuse train --data` against the size of the prepared array.
 
-    .venv/bin/python benchmarks/large_data.py --out /tmp/large [--gb 4] [--resolution 64] [--kimg 1.6]
+    .venv/bin/python benchmarks/large_data.py --out /tmp/large [--gb 4] [--resolution 64] [--kimg 1.6] [--preset rgb64]
 
 Writes an .npy of uint8 (N, R, R, 3) images of GB gigabytes (smooth random blobs, chunk by chunk,
-so the writer itself stays small), prepares it, then trains on it for KIMG thousand images (at 64
-pixels with the rgb64 preset, whose seconds per kimg the run's metrics.jsonl gives), each command
+so the writer itself stays small), prepares it, then trains on it for KIMG thousand images (with
+--preset, rgb64 by default, whose seconds per kimg the run's metrics.jsonl gives), each command
 under /usr/bin/time -v, whose "Maximum resident set size" is the figure. Prints a Markdown table.
 """
 
@@ -55,6 +55,8 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=4.0)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--kimg", type=float, default=1.6)
+    parser.add_argument("--preset", default="rgb64", help="the training run's preset; 'none' for the net "
+                        "nets.sized_for picks (give it with another --resolution)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     r = args.resolution
@@ -68,8 +70,8 @@ def main() -> None:
         rows.append(("data prepare", *peak_rss_gb([*cli, "data", "prepare", str(source), "--out", str(data),
                                                   "--feature-kimg", "0"], args.out / "prepare.log")))
     sets = ["train.kimg=%g" % args.kimg, "train.grid_kimg=%g" % args.kimg, "train.checkpoint_kimg=%g" % args.kimg]
-    preset = ["--preset", "rgb64"] if r == 64 else []
-    rows.append(("train --data" + (" --preset rgb64" if preset else ""),
+    preset = [] if args.preset == "none" else ["--preset", args.preset]
+    rows.append((" ".join(["train --data", *preset]),
                  *peak_rss_gb([*cli, "train", "--data", str(data), *preset, "--out", str(run),
                                *[a for kv in sets for a in ("--set", kv)]], args.out / "train.log")))
     array_gb = (data / "images.npy").stat().st_size / 2**30

@@ -20,7 +20,7 @@ import numpy as np
 
 from diffuse.data import read_idx
 from diffuse.errors import UserError
-from diffuse.files import NPY_BROKEN, read_chunks
+from diffuse.files import NPY_BROKEN, npy_header, read_chunks
 from diffuse.sources import Row, Source, why
 
 MAX_MEMBER = 512 << 20  # CIFAR-100's train pickle is 155 MB
@@ -148,13 +148,11 @@ def open_idx(folder: Path, limit: int | None) -> Source:
 # .npy and .npz: the header's claim checked against the bytes present, then chunked reads.
 
 
-def npy_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtype, int]:
+def checked_header(f, where: str, available: int) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, data offset) of the .npy stream f holding `available` bytes, or a refusal."""
     try:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-    except Exception as e:  # noqa: BLE001 - numpy raises several kinds on a broken header
+        shape, fortran, dtype, _ = npy_header(f)
+    except NPY_BROKEN as e:
         raise UserError(f"{where} is not a readable .npy array ({why(e)}); write it with numpy.save.") from None
     if fortran or dtype.hasobject:
         raise UserError(f"{where} is {'Fortran-ordered' if fortran else 'an object array'}; save a C-ordered "
@@ -184,7 +182,7 @@ def as_nhwc(shape, dtype, where: str) -> tuple[int, ...]:
 
 def open_npy(path: Path, limit: int | None) -> Source:
     with open(path, "rb") as f:
-        shape, dtype, offset = npy_header(f, str(path), path.stat().st_size)
+        shape, dtype, offset = checked_header(f, str(path), path.stat().st_size)
     nhwc = as_nhwc(shape, dtype, str(path))
     n = min(nhwc[0], limit or nhwc[0])
 
@@ -255,7 +253,7 @@ def member_header(z: zipfile.ZipFile, path: Path, info: zipfile.ZipInfo):
     if info.compress_size > real or info.file_size > 1100 * info.compress_size + 4096:  # deflate packs < 1032:1
         raise UserError(f"{where} claims {info.file_size} bytes in a {real}-byte file; write it again with numpy.savez.")
     with z.open(info) as f:
-        return npy_header(f, where, info.file_size)
+        return checked_header(f, where, info.file_size)
 
 
 def numeric_condition(path: Path, key: str, values: np.ndarray) -> dict:

@@ -57,18 +57,25 @@ def read_limited(path: Path, limit: int, what: str) -> str:
 
 # What numpy (and zipfile under np.load) raise on a broken .npy or .npz: a flipped byte in a header can
 # end its literal early (tokenize.TokenError), make it no literal (SyntaxError, ValueError) or the
-# wrong kind of one (TypeError).
-NPY_BROKEN = (ValueError, SyntaxError, TypeError, tokenize.TokenError, OSError, EOFError, zipfile.BadZipFile)
+# wrong kind of one (TypeError); zipfile raises NotImplementedError for a member packed with a
+# compression method it lacks (deflate64, for one) and LargeZipFile for ZIP64 it was not allowed.
+NPY_BROKEN = (ValueError, SyntaxError, TypeError, tokenize.TokenError, OSError, EOFError, zipfile.BadZipFile,
+              zipfile.LargeZipFile, NotImplementedError)
+
+
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """(shape, Fortran order, dtype, data offset) from the start of a .npy stream, raising one of NPY_BROKEN
+    where it has no readable header; nothing past the header is read, so a header that lies costs no memory."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read(f)
+    return tuple(shape), fortran, dtype, f.tell()
 
 
 def read_npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
-    """(shape, Fortran order, dtype, data offset) from the start of a .npy stream, or None where it has no
-    readable header; nothing past the header is read, so a header that lies costs no memory."""
+    """`npy_header`, or None where the stream has no readable header."""
     try:
-        version = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-        return tuple(shape), fortran, dtype, f.tell()
+        return npy_header(f)
     except NPY_BROKEN:
         return None
 

@@ -112,8 +112,7 @@ def check_samples_file(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]
                       if n in ("images", "points", "labels")}
     except FileNotFoundError:
         raise UserError(f"{path} does not exist; give a samples .npz or a run directory.") from None
-    # zipfile raises NotImplementedError for a member packed with a compression method it lacks (e.g. deflate64)
-    except (OSError, zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, ValueError) as e:
+    except NPY_BROKEN as e:
         raise UserError(f"{path} is not a readable .npz file ({e}).") from None
     shape = arrays.get("images", arrays.get("points"))[0]
     if shape and shape[0] > MAX_SAMPLES:

