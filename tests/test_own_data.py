@@ -2,6 +2,8 @@
 16 and 32 pixels, class labels, vectors, paired images and none, read a batch at a time."""
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from diffuse import api
 from diffuse.cli import main
 from diffuse.config import DataConfig, load_config
 from diffuse.data import Split, dataset
+from diffuse.errors import UserError
 from diffuse.nets import build_net, sized_for
 from diffuse.preparing import PrepareOptions, prepare
 from diffuse.prepared import open_prepared
@@ -133,6 +136,17 @@ def test_train_sample_and_grid_on_every_kind_of_condition(tmp_path, kind):
     assert bool(probed) == (kind == "label")  # the probe reads class labels
     if kind == "image":
         assert model.dataset.cond_shape == (1, 16, 16)  # prepare brings the conditions to R (--cond-resolution)
+    # the run's record of its DATA_DIR: with the folder gone the run still builds, loads and samples the same
+    assert config.data.sha256 == json.loads((data_dir / "data.json").read_text())["files"]["images.npy"]["sha256"]
+    held = None if kind in ("label", "none") else model.dataset.eval_conditions(model.scaling, 6)[0]
+    data_dir.rename(tmp_path / "elsewhere")
+    moved = api.load(run)
+    assert not moved.dataset.at_hand and moved.dataset.shape == model.dataset.shape
+    assert (moved.dataset.condition, moved.dataset.cond_shape) == (model.dataset.condition, model.dataset.cond_shape)
+    if held is not None:
+        with pytest.raises(UserError, match="is not there; give its DATA_DIR with --data"):
+            moved.sample(6, seed=0, steps=2)  # the held-out conditions are the data's
+    assert np.array_equal(moved.sample(6, cond=held, seed=0, steps=2).images, samples.images)
 
 
 def test_the_command_line_trains_and_samples_a_prepared_folder(tmp_path, rgb32, capsys):
@@ -144,6 +158,39 @@ def test_the_command_line_trains_and_samples_a_prepared_folder(tmp_path, rgb32, 
     with np.load(tmp_path / "s.npz") as f:
         assert f["images"].shape == (6, 32, 32, 3) and f["labels"].tolist() == [0, 1, 2, 0, 1, 2]
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_a_run_keeps_a_record_of_its_data_dir_and_refuses_another_in_its_place(tmp_path, rgb32, capsys):
+    """Sampled and evaluated from the command line with the folder gone; refused, with what was written kept,
+    when the folder returns with other images, on resume as on sampling; a damaged record is one sentence."""
+    data_dir, run, args = tmp_path / "data", tmp_path / "run", [a for kv in TINY for a in ("--set", kv)]
+    shutil.copytree(rgb32, data_dir)
+    assert main(["train", "--data", str(data_dir), "--out", str(run), *args]) == 0
+    config_text = (run / "config.toml").read_text()
+    assert 'condition = "label"' in config_text and "shape = [3, 32, 32]" in config_text
+    shutil.move(data_dir, tmp_path / "away")
+    assert main(["sample", str(run), "--n", "3", "--steps", "2", "--out", str(tmp_path / "s.npz"),
+                 "--grid", str(tmp_path / "s.png")]) == 0
+    assert main(["eval", str(run), "--n", "4"]) == 2
+    assert "is not there; give its DATA_DIR with --data" in capsys.readouterr().err
+    assert main(["sample", str(run), "--n", "3", "--steps", "2", "--out", str(tmp_path / "m.npz"),
+                 "--data", str(tmp_path / "away")]) == 0  # where it has moved
+    with np.load(tmp_path / "s.npz") as f, np.load(tmp_path / "m.npz") as g:
+        assert np.array_equal(f["images"], g["images"])
+    assert api.load(run, data=tmp_path / "away").dataset.at_hand
+    images, labels = squares(160, 32, 3, seed=7)  # the same shape and classes, other images
+    write_data_dir(data_dir, images, labels)
+    for argv in (["train", "--data", str(data_dir), "--out", str(run), *args, "--set", "train.kimg=0.512"],
+                 ["sample", str(run), "--n", "3", "--out", str(tmp_path / "t.npz")],
+                 ["sample", str(run), "--n", "3", "--out", str(tmp_path / "t.npz"), "--data", str(data_dir)]):
+        assert main(argv) == 2
+        assert "holds another data set than the one this run was trained on" in capsys.readouterr().err
+    assert (run / "config.toml").read_text() == config_text and not (tmp_path / "t.npz").exists()
+    for key, value in (("sha256", '"abc"'), ("shape", "[3, 32, 31]"), ("cond_shape", "[4]"), ("classes", "1")):
+        bad = tmp_path / f"bad-{key}.toml"
+        bad.write_text(re.sub(rf"(?m)^{key} = .*$", f"{key} = {value}", config_text))
+        with pytest.raises(UserError, match=rf"^data\.{key} does not describe a prepared data set"):
+            load_config(None, bad)
 
 
 def test_prepare_trains_the_feature_net_and_every_fd_is_named_for_the_data_set(tmp_path, capsys):

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import pickle
+import re
 import shutil
 import string
 import sys
@@ -17,8 +18,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from diffuse.cli import main
+from diffuse.config import _toml_value, load_config, read_config, to_toml
+from diffuse.data import RECORD, described
 from diffuse.errors import UserError
 from diffuse.files import NpyRows
+from diffuse.nets import build_denoiser
 from diffuse.prepared import open_prepared
 from test_prepare import cifar_tarball, rand, save
 
@@ -258,3 +262,34 @@ def test_damaged_data_dir_sweep(good, tmp_path_factory, target, how, where, valu
         open_prepared(d)
     except UserError as e:
         assert "\n" not in str(e) and str(e).endswith(".")
+
+
+RECORD_VALUES = (st.integers(-2**70, 2**70) | st.booleans() | st.floats() | st.text(string.printable, max_size=70)
+                 | st.lists(st.integers(-300, 5000), max_size=4) | st.sampled_from(["label", "vector", "image", "none"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(RECORD), value=RECORD_VALUES, gone=st.booleans())
+@example(key="condition", value="none", gone=True)  # loads: another condition the net then takes
+@example(key="shape", value=[3, 256, 256], gone=True)
+@example(key="shape", value=[1, 16, 16], gone=False)  # not the folder's: refused
+def test_a_damaged_record_of_the_data_dir_is_one_sentence(good, tmp_path, key, value, gone):
+    """A run's config.toml whose record of its DATA_DIR (data.shape, ...) is altered, with the folder there or
+    gone: it loads only where the record still describes a data set (the folder's own, where it is there), and
+    the net it describes then builds; anything else is one sentence."""
+    config = load_config("fmnist", overrides=["data.name='prepared'", f"data.path={str(good)!r}", "train.fd_kimg=0"])
+    config.data = described(config.data)
+    if gone:
+        config.data.path = str(tmp_path / "gone")
+    text = re.sub(rf"(?m)^{key} = .*$", lambda _: f"{key} = {_toml_value(value)}", to_toml(config), count=1)
+    (tmp_path / "config.toml").write_text(text)
+    try:
+        loaded = read_config(tmp_path / "config.toml")
+    except UserError as e:
+        assert "\n" not in str(e) and str(e).endswith("."), e
+        return
+    assert gone or getattr(loaded.data, key) == getattr(config.data, key)
+    try:
+        build_denoiser(loaded)
+    except UserError as e:  # a net too large to build is refused before anything is allocated
+        assert "\n" not in str(e), e

@@ -166,27 +166,34 @@ def draw_from_run(model: Model, n: int | None, progress: bool | None, settings: 
     return model.sample(n or model.config.sample.n_eval, progress=show, **settings)
 
 
-def measured_model(source: Path, n: int | None, ema: float | None, device) -> Model:
+def measured_model(source: Path, n: int | None, ema: float | None, device, data: str | Path | None = None) -> Model:
     """The model of a run whose samples are to be measured, with n (if given) checked first."""
     if n is not None and (not isinstance(n, int) or n < 2):
         raise UserError(f"--n {n} must be at least 2 to fit a covariance.")
-    return load(source, ema, device=device)
+    return load(source, ema, device=device, data=data)
 
 
 def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = None, features: str = "fmnist",
-             device: str | torch.device | None = "auto", progress: bool | None = None, **settings) -> dict:
+             device: str | torch.device | None = "auto", progress: bool | None = None, data: str | Path | None = None,
+             **settings) -> dict:
     """FD and class accuracy of a samples .npz (in `features`), or of n samples drawn from a run (default:
-    its sample.n_eval; in its data set's features) with the run's sampler settings and any given on top.
-    A super-resolution run adds its consistency, PSNR and the upsampling baselines'."""
+    its sample.n_eval; in its data set's features, from `data` where its DATA_DIR lies now) with the run's
+    sampler settings and any given on top. A super-resolution run adds its consistency, PSNR and the
+    upsampling baselines'."""
     source = Path(source)
+    if not source.is_dir() and data is not None:
+        raise UserError("--data gives a run's data set; a samples file is measured in --features DATA_DIR.")
     if not source.is_dir():
         images, labels = load_npz(source)
         try:
             return {"source": str(source), "features": features, **evaluate_features(features, images, labels)}
         except UserError as e:
             raise UserError(f"{source}: {e}") from None
-    model = measured_model(source, n, ema, device)
+    model = measured_model(source, n, ema, device, data)
     ds = model.dataset
+    if not ds.at_hand:
+        raise UserError(f"{source} measures its FD in its data set's own feature net, and {model.config.data.path} "
+                        "is not there; give its DATA_DIR with --data.")
     if ds.features is None:
         hint = (f"; train one with `diffuse data features {model.config.data.path}`" if model.config.data.path
                 else "")
@@ -203,14 +210,16 @@ def evaluate(source: str | Path, n: int | None = None, *, ema: float | None = No
 
 def images_of(source: str | Path, n: int | None = None, *, ema: float | None = None,
               device: str | torch.device | None = "auto", progress: bool | None = None,
-              **settings) -> tuple[np.ndarray, np.ndarray, dict]:
+              data: str | Path | None = None, **settings) -> tuple[np.ndarray, np.ndarray, dict]:
     """(images, labels, sampler settings) of a samples .npz, or of n samples drawn from a run (default:
     its sample.n_eval) with the run's sampler settings and any given on top; empty on ranks other than 0."""
     source = Path(source)
+    if not source.is_dir() and data is not None:
+        raise UserError("--data gives a run's data set; a samples file is measured in --features DATA_DIR.")
     if not source.is_dir():
         images, labels = load_npz(source)
         return images, labels, {}
-    model = measured_model(source, n, ema, device)
+    model = measured_model(source, n, ema, device, data)
     if not model.dataset.is_image:
         raise UserError(f"{source} is a {model.dataset.name} run of points, not images; FID measures images.")
     drawn = draw_from_run(model, n, progress, settings)

@@ -144,6 +144,7 @@ def add_sampling_commands(sub) -> None:
     p.add_argument("--weights", choices=("ema", "model"), default="ema")
     p.add_argument("--out", required=True, help="samples file, .npz")
     p.add_argument("--grid", help="also write a PNG grid (or a scatter plot for 2-D data)")
+    add_data_flag(p)
     add_device_flag(p)
     p.set_defaults(run=cmd_sample)
 
@@ -160,6 +161,7 @@ def add_sampling_commands(sub) -> None:
     p.add_argument("--write-ref", metavar="STATS.npz",
                    help="inception: write the source's statistics as a reference .npz instead of measuring")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_data_flag(p)
     add_device_flag(p)
     p.set_defaults(run=cmd_eval)
 
@@ -222,6 +224,11 @@ def add_config_flags(p: argparse.ArgumentParser, preset: str | None = None,
     add_device_flag(p)
 
 
+def add_data_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", metavar="DATA_DIR", help="a run on a prepared data set: where its DATA_DIR lies now, "
+                   "if it has moved (checked against the run's record of it)")
+
+
 def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
 
@@ -273,7 +280,7 @@ def cmd_sample(args) -> None:
     for flag, path in (("--out", args.out), ("--grid", args.grid)):
         if path:
             check_writable(Path(path), flag)  # before the sampling
-    model = api.load(args.source, args.ema, weights=args.weights, device=args.device)
+    model = api.load(args.source, args.ema, weights=args.weights, device=args.device, data=args.data)
     labels = None if args.labels == "all" else args.labels
     model.save_samples(args.out, args.n, labels, seed=args.seed, progress=progress(), grid=args.grid,
                        **sampler_flags(args))
@@ -286,7 +293,7 @@ def cmd_eval(args) -> None:
     if args.ref or args.write_ref:
         raise UserError("--ref and --write-ref are for --features inception; an FD's feature net has its own reference.")
     result = api.evaluate(args.source, args.n, ema=args.ema, features=args.features, device=args.device,
-                          progress=progress(), **sampler_flags(args))
+                          progress=progress(), data=args.data, **sampler_flags(args))
     if not result:  # a rank other than 0
         return
     if args.json:
@@ -309,7 +316,7 @@ def cmd_fid(args) -> None:
     if (args.ref is None) == (args.write_ref is None):
         raise UserError("--features inception needs --ref STATS.npz to measure against, or --write-ref STATS.npz "
                         "to write the source's statistics; give one of them.")
-    options = dict(ema=args.ema, device=args.device, progress=progress(), **sampler_flags(args))
+    options = dict(ema=args.ema, device=args.device, progress=progress(), data=args.data, **sampler_flags(args))
     if args.write_ref:
         result = api.write_fid_reference(args.source, args.write_ref, args.n, **options)
         if result:

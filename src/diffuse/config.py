@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from diffuse.data import RECORD, recorded
 from diffuse.errors import UserError
 from diffuse.files import failure, read_limited
 from diffuse.validation import validate
@@ -36,6 +37,13 @@ class DataConfig:
     factor: int = 4                   # superres: the condition is the image average-pooled factor x factor
     mean: float | None = None         # pixel scaling x = (p / 255 - mean) / std, fitted on the first run
     std: float | None = None
+    # prepared: its DATA_DIR as the run saw it, recorded when the run starts (`data.described`), so that the
+    # run samples where the folder is not, and refuses a folder that now holds other images
+    shape: list[int] | None = None    # one image (C, R, R)
+    classes: int | None = None        # its classes (0: none)
+    condition: str | None = None      # none | label | vector | image (data.CONDITIONS)
+    cond_shape: list[int] | None = None  # a vector (D,) or an image condition (C, h, w); [] for labels or none
+    sha256: str | None = None         # of images.npy, as data.json records it
 
 
 @dataclass
@@ -228,11 +236,13 @@ def parse_value(text: str) -> Any:
         raise UserError(f"--set value {text[:20]}... nests arrays too deeply; give a plain value.") from None
 
 
-def read_config(path: Path) -> Config:
-    """The config stored in a TOML file (a run's or a checkpoint's config.toml), validated."""
+def read_config(path: Path, check: bool = True) -> Config:
+    """The config stored in a TOML file (a run's or a checkpoint's config.toml), validated; with check=False
+    only typed: what the file says, whether or not its data set is here to check it against."""
     try:
         config = from_dict(_read_toml(Path(path)))
-        validate(config)
+        if check:
+            validate(config)
     except UserError as e:
         raise UserError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
     return config
@@ -336,7 +346,10 @@ def _toml_value(v) -> str:
 
 
 def resume_conflicts(old: Config, new: Config) -> list[str]:
-    """Keys whose values differ between a run's config and a new one, other than those a resume may change."""
+    """Keys whose values differ between a run's config and a new one, other than those a resume may change
+    and a data set's record where one of them has none (a run from before `data.described`)."""
     a, b = to_dict(old), to_dict(new)
+    unrecorded = not recorded(old.data) or not recorded(new.data)
     return [f"{s}.{k}" for s in a for k in a[s]
-            if a[s][k] != b[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)]
+            if a[s][k] != b[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)
+            and not (unrecorded and s == "data" and k in RECORD)]

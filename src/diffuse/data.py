@@ -12,6 +12,7 @@ import gzip
 import math
 import mmap
 import os
+import re
 import shutil
 import urllib.request
 import zlib
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from diffuse.errors import UserError
 from diffuse.files import sha256_file
 from diffuse.images import first_of_each_class, panel, rows_by_label, save_grid, save_scatter
-from diffuse.prepared import Prepared, open_prepared
+from diffuse.prepared import MAX_CLASSES, Prepared, open_prepared
 
 if TYPE_CHECKING:  # config imports this module's choice lists
     from diffuse.config import DataConfig
@@ -316,6 +317,8 @@ class Dataset:
     features: str | None                  # the feature net of its FD: "fmnist" (FD-FMNIST), a DATA_DIR, or None
     read: Callable[[str], Split]          # "train" | "test" (the held-out split) -> its files
     stats: Scaling | None = None          # the pixel mean and std recorded with the files, else fitted by `load`
+    at_hand: bool = True                  # False: a run's record of a prepared data set whose folder is not
+                                          # there (`data.described`): its net builds and samples, nothing is read
 
     @property
     def is_image(self) -> bool:
@@ -432,26 +435,105 @@ def read_toy2d(split: str) -> Split:
 
 
 def prepared_dataset(data: DataConfig) -> Dataset:
-    """A DATA_DIR of `diffuse data prepare` (data.path): its description read and checked, its arrays mapped."""
+    """A DATA_DIR of `diffuse data prepare` (data.path): its description read and checked, its arrays mapped;
+    where the folder is not there, the run's record of it (`described`), which samples but reads nothing."""
     if not data.path:
         raise UserError("data.name 'prepared' needs the data set's folder: pass --data DATA_DIR "
                         "(made by `diffuse data prepare`).")
-    prepared = open_prepared(Path(data.path))
-    shape = (prepared.channels, prepared.resolution, prepared.resolution)
-    condition = prepared.condition
-    cond_shape = {"vector": lambda: (prepared.vectors.shape[1],),
-                  "image": lambda: (prepared.conditions.shape[3], *prepared.conditions.shape[1:3])}.get(
-        condition, lambda: None)()
-    features = str(prepared.path) if (prepared.path / "features.json").is_file() else None
-    read = functools.partial(read_prepared, prepared)
-    stats = Scaling(round(prepared.meta["mean"], 6), round(prepared.meta["std"], 6))
-    base = Dataset(prepared.name, shape, prepared.num_classes, condition, cond_shape, 1, features, read, stats)
+    folder, record = Path(data.path), recorded(data)
+    if record:
+        check_record(data)
+    if record and not folder.exists():
+        base = recorded_dataset(data)
+    else:
+        prepared = open_prepared(folder)
+        if record and record_of(prepared) != record:
+            raise UserError(f"{folder} holds another data set than the one this run was trained on (its images.npy "
+                            f"or description differs from data.sha256 {data.sha256[:12]}...); put the run's "
+                            "DATA_DIR there, or move that folder away to sample without it.")
+        record = record_of(prepared)
+        base = Dataset(prepared.name, tuple(record["shape"]), prepared.num_classes, prepared.condition,
+                       tuple(record["cond_shape"]) or None, 1,
+                       str(prepared.path) if (prepared.path / "features.json").is_file() else None,
+                       functools.partial(read_prepared, prepared),
+                       Scaling(round(prepared.meta["mean"], 6), round(prepared.meta["std"], 6)))
     if data.task == "superres":
-        if condition != "none" and condition != "label":
+        if base.condition != "none" and base.condition != "label":
             raise UserError(f"data.task 'superres' conditions on the images alone; {data.path} has "
-                            f"{condition} conditions: train it with data.task 'class'.")
+                            f"{base.condition} conditions: train it with data.task 'class'.")
         return superres(base, data.factor)
     return base
+
+
+RECORD = ("shape", "classes", "condition", "cond_shape", "sha256")  # the DataConfig keys `described` fills
+
+
+def record_of(prepared: Prepared) -> dict:
+    """What a run records of its prepared data set: enough to build its net and sample without the folder."""
+    m = prepared.meta
+    cond_shape = {"vector": lambda: [m["vector_dim"]],
+                  "image": lambda: [m["cond_channels"], m["cond_resolution"], m["cond_resolution"]]}.get(
+        prepared.condition, list)()
+    return {"shape": [prepared.channels, prepared.resolution, prepared.resolution], "classes": prepared.num_classes,
+            "condition": prepared.condition, "cond_shape": cond_shape, "sha256": m["files"]["images.npy"]["sha256"]}
+
+
+def recorded(data: DataConfig) -> dict:
+    """The record a DataConfig holds ({} where it holds none)."""
+    record = {key: getattr(data, key) for key in RECORD}
+    return record if any(v is not None for v in record.values()) else {}
+
+
+def described(data: DataConfig) -> DataConfig:
+    """`data` with its prepared data set's record (data.shape, classes, condition, cond_shape, sha256) filled
+    from the DATA_DIR, checked against the record already there; other data sets as they are."""
+    if data.name != "prepared" or not prepared_dataset(data).at_hand:  # a record already there must be the folder's
+        return data
+    return replace(data, **record_of(open_prepared(Path(data.path))))
+
+
+def check_record(data: DataConfig) -> None:
+    """Each value of a run's record of its prepared data set in range, and all of them there."""
+    shape, classes, condition, cond_shape, sha = recorded(data).values()
+    ints = lambda v, n: isinstance(v, list) and len(v) == n and all(isinstance(x, int) for x in v)  # noqa: E731
+    checks = (
+        ("shape", lambda: ints(shape, 3) and shape[0] in (1, 3) and shape[1] == shape[2] and 16 <= shape[1] <= 256),
+        ("classes", lambda: isinstance(classes, int) and (classes == 0 or 2 <= classes <= MAX_CLASSES)),
+        ("condition", lambda: condition in CONDITIONS and (condition != "label" or classes > 0)),
+        ("cond_shape", {"vector": lambda: ints(cond_shape, 1) and 1 <= cond_shape[0] <= 4096,
+                        "image": lambda: ints(cond_shape, 3) and cond_shape[0] in (1, 3)
+                        and cond_shape[1] == cond_shape[2] and 1 <= cond_shape[1] <= 256}.get(
+            condition, lambda: cond_shape == [])),
+        ("sha256", lambda: isinstance(sha, str) and re.fullmatch("[0-9a-f]{64}", sha) is not None))
+    wrong = next((key for key, ok in checks if not ok()), None)
+    if wrong:
+        raise UserError(f"data.{wrong} does not describe a prepared data set; data.shape, classes, condition, "
+                        "cond_shape and sha256 are the run's record of its DATA_DIR, written by `diffuse train`: "
+                        f"remove them all to record {data.path} again.")
+
+
+def recorded_dataset(data: DataConfig) -> Dataset:
+    """The Dataset of a run's record of a prepared data set whose folder is not there (checked by check_record)."""
+    folder, (shape, classes, condition, cond_shape, _) = Path(data.path), recorded(data).values()
+    stats = Scaling(data.mean, data.std) if data.mean is not None else None
+    return Dataset(folder.name, tuple(shape), classes, condition, tuple(cond_shape) or None, 1, None,
+                   functools.partial(not_there, folder), stats, at_hand=False)
+
+
+def moved(data: DataConfig, folder: str | Path) -> DataConfig:
+    """`data` read from `folder`, where the run's prepared data set now lies (checked against the run's record)."""
+    if data.name != "prepared":
+        raise UserError(f"--data gives the folder of a run's prepared data set; this run trained on {data.name}.")
+    if not Path(folder).is_dir():
+        raise UserError(f"--data {folder} is not a folder; give the DATA_DIR the run was trained on.")
+    new = replace(data, path=str(Path(folder).resolve()))
+    prepared_dataset(new)  # that folder holds the run's data set
+    return new
+
+
+def not_there(folder: Path, split: str) -> Split:
+    raise UserError(f"this needs the run's data set, and {folder} is not there; give its DATA_DIR with --data "
+                    "(from Python: load(run, data=...), or the conditions themselves: model.sample(n, cond=...)).")
 
 
 def read_prepared(prepared: Prepared, split: str) -> Split:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from diffuse import distributed
 from diffuse.checkpoint import load_checkpoint, load_denoiser, resolve_checkpoint, verify
 from diffuse.config import Config, validate
-from diffuse.data import Dataset, Scaling, dataset
+from diffuse.data import Dataset, Scaling, dataset, moved
 from diffuse.denoiser import Denoiser
 from diffuse.errors import UserError
 from diffuse.images import MAX_SAMPLES, NpzWriter, save_npz
@@ -245,16 +245,19 @@ def sampler_settings(config: Config, overrides: Mapping) -> dict:
 
 
 def load(source: str | Path, ema: float | None = None, *, weights: str = "ema",
-         device: str | torch.device | None = "cpu") -> Model:
+         device: str | torch.device | None = "cpu", data: str | Path | None = None) -> Model:
     """The model of a run directory (its newest whole checkpoint) or of one checkpoint folder.
 
     ema: a sigma_rel to reconstruct the power-function EMA of, post hoc (runs with train.ema = "power");
-    weights: "ema" (default) or "model", the raw training weights.
+    weights: "ema" (default) or "model", the raw training weights; data: where the run's prepared data set
+    lies now, if not where it trained (without it, a run whose DATA_DIR is gone samples from its record).
     """
     if weights not in ("ema", "model"):
         raise UserError(f"weights {weights!r} must be 'ema' or 'model'.")
     checkpoint = resolve_checkpoint(Path(source))
     config, denoiser = load_denoiser(checkpoint, weights, pick_device(device), sigma_rel=ema)
+    if data is not None:
+        config.data = moved(config.data, data)
     return Model(config, denoiser, checkpoint)
 
 

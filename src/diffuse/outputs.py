@@ -37,7 +37,7 @@ def is_run_dir(path: Path) -> bool:
     if config.is_symlink() or not config.is_file():
         return False
     try:
-        read_config(config)
+        read_config(config, check=False)  # what it is, not whether its data set is here
     except UserError:
         return False
     with open(config, "rb") as f:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from diffuse import distributed
 from diffuse.checkpoint import latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from diffuse.config import Config, TrainConfig, read_config, resume_conflicts, to_toml
-from diffuse.data import Dataset, Scaling, TrainData
+from diffuse.data import Dataset, Scaling, TrainData, described
 from diffuse.denoiser import Denoiser
 from diffuse.ema import PHEMA_DIR, PowerEMA
 from diffuse.errors import Diverged, Interrupted, UserError
@@ -94,7 +94,9 @@ def claimed(run_dir: Path, command: str):
 
 
 def resume_config(run_dir: Path, config: Config) -> Config:
-    """The config to run with: the new one, checked against the run's own if the run exists."""
+    """The config to run with: the new one with its data set's record (`data.described`), checked against the
+    run's own if the run exists."""
+    config.data = described(config.data)
     path = run_dir / "config.toml"
     if not path.is_file():
         if run_dir.exists() and any(p.name != LOCK for p in run_dir.iterdir()):

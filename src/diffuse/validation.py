@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from diffuse.data import DATASETS, TASKS, dataset
+from diffuse.data import DATASETS, TASKS, dataset, recorded
 from diffuse.denoiser import PREDICTIONS
 from diffuse.errors import UserError
 from diffuse.nets import NETS
@@ -81,6 +81,10 @@ def check_ranges(config: Config) -> None:
 
 def check_data(config: Config) -> None:
     dataset(config.data)  # the data set exists, and its task and factor fit its images
+    kept = [key for key, value in recorded(config.data).items() if value is not None]
+    if config.data.name != "prepared" and kept:
+        raise UserError(f"data.{kept[0]} and its kin record a prepared data set's DATA_DIR; "
+                        f"remove them from a data.name '{config.data.name}' config.")
     if (config.data.mean is None) != (config.data.std is None) or (config.data.std is not None
                                                                   and config.data.std <= 0):
         raise UserError("data.mean and data.std go together, with std > 0; leave both unset to fit them.")
@@ -135,8 +139,8 @@ def check_train(config: Config) -> None:
         raise UserError(f"train.ema_sigma_rels {t.ema_sigma_rels} must be one or more values in (0, 0.2887).")
     if config.diffusion.process == "vp" and t.fd_steps > 1000:
         raise UserError(f"train.fd_steps must be at most 1000, the steps of process 'vp', not {t.fd_steps}.")
-    features = dataset(config.data).features
-    if t.fd_kimg > 0 and features is None:
+    data = dataset(config.data)
+    if t.fd_kimg > 0 and data.features is None and data.at_hand:  # no folder: no training either
         raise UserError(f"train.fd_kimg measures an FD, and data '{config.data.name}' has no feature net; set it to 0.")
 
 
