@@ -161,8 +161,9 @@ def test_the_command_line_trains_and_samples_a_prepared_folder(tmp_path, rgb32, 
 
 
 def test_a_run_keeps_a_record_of_its_data_dir_and_refuses_another_in_its_place(tmp_path, rgb32, capsys):
-    """Sampled and evaluated from the command line with the folder gone; refused, with what was written kept,
-    when the folder returns with other images, on resume as on sampling; a damaged record is one sentence."""
+    """Sampled and evaluated from the command line with the folder gone; sampled and resumed with --data where it
+    moved; refused, with what was written kept, where the folder holds other images, on resume as on sampling;
+    a damaged record is one sentence."""
     data_dir, run, args = tmp_path / "data", tmp_path / "run", [a for kv in TINY for a in ("--set", kv)]
     shutil.copytree(rgb32, data_dir)
     assert main(["train", "--data", str(data_dir), "--out", str(run), *args]) == 0
@@ -178,11 +179,17 @@ def test_a_run_keeps_a_record_of_its_data_dir_and_refuses_another_in_its_place(t
     with np.load(tmp_path / "s.npz") as f, np.load(tmp_path / "m.npz") as g:
         assert np.array_equal(f["images"], g["images"])
     assert api.load(run, data=tmp_path / "away").dataset.at_hand
-    images, labels = squares(160, 32, 3, seed=7)  # the same shape and classes, other images
-    write_data_dir(data_dir, images, labels)
-    for argv in (["train", "--data", str(data_dir), "--out", str(run), *args, "--set", "train.kimg=0.512"],
+    assert main(["train", "--data", str(tmp_path / "away"), "--out", str(run), *args, "--set", "train.kimg=0.384"]) == 0
+    config_text = (run / "config.toml").read_text()  # resumed on the moved folder, which the run now names
+    assert f'path = "{(tmp_path / "away").resolve()}"' in config_text
+    assert main(["sample", str(run / "checkpoints" / "step-0000016"), "--n", "3", "--steps", "2",
+                 "--out", str(tmp_path / "old.npz")]) == 0  # a checkpoint from before the move
+    shutil.rmtree(tmp_path / "away")
+    images, labels = squares(160, 32, 3, seed=7)  # the same shape and classes, other images, where the run looks
+    write_data_dir(tmp_path / "away", images, labels)
+    for argv in (["train", "--data", str(tmp_path / "away"), "--out", str(run), *args, "--set", "train.kimg=0.512"],
                  ["sample", str(run), "--n", "3", "--out", str(tmp_path / "t.npz")],
-                 ["sample", str(run), "--n", "3", "--out", str(tmp_path / "t.npz"), "--data", str(data_dir)]):
+                 ["sample", str(run), "--n", "3", "--out", str(tmp_path / "t.npz"), "--data", str(tmp_path / "away")]):
         assert main(argv) == 2
         assert "holds another data set than the one this run was trained on" in capsys.readouterr().err
     assert (run / "config.toml").read_text() == config_text and not (tmp_path / "t.npz").exists()

@@ -346,10 +346,12 @@ def _toml_value(v) -> str:
 
 
 def resume_conflicts(old: Config, new: Config) -> list[str]:
-    """Keys whose values differ between a run's config and a new one, other than those a resume may change
-    and a data set's record where one of them has none (a run from before `data.described`)."""
+    """Keys whose values differ between a run's config and a new one, other than those a resume may change,
+    a data set's record where one of them has none (a run from before `data.described`), and the path of a
+    data set whose record both share (the same images, moved)."""
     a, b = to_dict(old), to_dict(new)
     unrecorded = not recorded(old.data) or not recorded(new.data)
+    moved = not unrecorded and recorded(old.data) == recorded(new.data)
     return [f"{s}.{k}" for s in a for k in a[s]
             if a[s][k] != b[s][k] and not f"{s}.{k}".startswith(RESUMABLE_CHANGES)
-            and not (unrecorded and s == "data" and k in RECORD)]
+            and not (unrecorded and s == "data" and k in RECORD) and not (moved and f"{s}.{k}" == "data.path")]
