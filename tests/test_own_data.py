@@ -179,6 +179,12 @@ def test_a_run_keeps_a_record_of_its_data_dir_and_refuses_another_in_its_place(t
     with np.load(tmp_path / "s.npz") as f, np.load(tmp_path / "m.npz") as g:
         assert np.array_equal(f["images"], g["images"])
     assert api.load(run, data=tmp_path / "away").dataset.at_hand
+    for wrong, said in ((tmp_path / "s.npz", "is not a folder"), (tmp_path / "nowhere", "is not a folder"),
+                        (tmp_path, "data.json is missing")):
+        assert main(["sample", str(run), "--n", "3", "--out", str(tmp_path / "w.npz"), "--data", str(wrong)]) == 2
+        assert said in capsys.readouterr().err and not (tmp_path / "w.npz").exists()
+    assert main(["eval", str(tmp_path / "s.npz"), "--data", str(tmp_path / "away")]) == 2
+    assert "a samples file is measured in --features DATA_DIR" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "away"), "--out", str(run), *args, "--set", "train.kimg=0.384"]) == 0
     config_text = (run / "config.toml").read_text()  # resumed on the moved folder, which the run now names
     assert f'path = "{(tmp_path / "away").resolve()}"' in config_text

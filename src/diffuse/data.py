@@ -440,17 +440,10 @@ def prepared_dataset(data: DataConfig) -> Dataset:
     if not data.path:
         raise UserError("data.name 'prepared' needs the data set's folder: pass --data DATA_DIR "
                         "(made by `diffuse data prepare`).")
-    folder, record = Path(data.path), recorded(data)
-    if record:
-        check_record(data)
-    if record and not folder.exists():
+    prepared = opened(data)
+    if prepared is None:
         base = recorded_dataset(data)
     else:
-        prepared = open_prepared(folder)
-        if record and record_of(prepared) != record:
-            raise UserError(f"{folder} holds another data set than the one this run was trained on (its images.npy "
-                            f"or description differs from data.sha256 {data.sha256[:12]}...); put the run's "
-                            "DATA_DIR there, or move that folder away to sample without it.")
         record = record_of(prepared)
         base = Dataset(prepared.name, tuple(record["shape"]), prepared.num_classes, prepared.condition,
                        tuple(record["cond_shape"]) or None, 1,
@@ -484,12 +477,27 @@ def recorded(data: DataConfig) -> dict:
     return record if any(v is not None for v in record.values()) else {}
 
 
+def opened(data: DataConfig) -> Prepared | None:
+    """The DATA_DIR at data.path, opened and checked against the run's record of it where the config holds
+    one; None where the record stands for a folder that is not there."""
+    folder, record = Path(data.path), recorded(data)
+    if record:
+        check_record(data)
+    if record and not folder.exists():
+        return None
+    prepared = open_prepared(folder)
+    if record and record_of(prepared) != record:
+        raise UserError(f"{folder} holds another data set than the one this run was trained on (its images.npy "
+                        f"or description differs from data.sha256 {data.sha256[:12]}...); put the run's "
+                        "DATA_DIR there, or move that folder away to sample without it.")
+    return prepared
+
+
 def described(data: DataConfig) -> DataConfig:
     """`data` with its prepared data set's record (data.shape, classes, condition, cond_shape, sha256) filled
     from the DATA_DIR, checked against the record already there; other data sets as they are."""
-    if data.name != "prepared" or not prepared_dataset(data).at_hand:  # a record already there must be the folder's
-        return data
-    return replace(data, **record_of(open_prepared(Path(data.path))))
+    prepared = opened(data) if data.name == "prepared" else None
+    return data if prepared is None else replace(data, **record_of(prepared))
 
 
 def check_record(data: DataConfig) -> None:
@@ -527,7 +535,7 @@ def moved(data: DataConfig, folder: str | Path) -> DataConfig:
     if not Path(folder).is_dir():
         raise UserError(f"--data {folder} is not a folder; give the DATA_DIR the run was trained on.")
     new = replace(data, path=str(Path(folder).resolve()))
-    prepared_dataset(new)  # that folder holds the run's data set
+    opened(new)  # that folder holds the run's data set
     return new
 
 
