@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: train the fmnist preset (about 18 minutes on 2 CPU cores), then sample, measure,
-# check and report. Open RUN/report.html to see whether training worked.
+# The main job: train the fmnist preset (18 to 75 minutes on 2 CPU cores, as the machine goes), then
+# sample, measure, check and report. Open RUN/report.html to see whether training worked.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=${1:-runs/fmnist}
