@@ -4,7 +4,7 @@
 2. sample: 64 images on cuda:0, and the same seeds again (the same images);
 3. exact resume: the run stopped half way and resumed ends with the same weights as a straight one;
 4. DDP: with two or more devices, torchrun with NCCL, one process per device, against one process;
-5. bench: `diffuse bench` in fp32 and bf16.
+5. bench: `diffuse bench` (training and sampling) in fp32 and bf16.
 Each check prints one line; OUT_DIR/gpu_check.md gets the table and OUT_DIR/gpu_check.json the numbers.
 On a machine without CUDA it says so in one sentence and exits 2, before any work.
 """
@@ -72,10 +72,13 @@ def check_ddp(out: Path) -> list[tuple[str, bool, str]]:
 def check_bench(out: Path) -> tuple[list[tuple[str, bool, str]], dict]:
     rows, results = [], {}
     for precision in ("fp32", "bf16"):
-        result = json.loads(diffuse("bench", "--preset", "fmnist", "--device", "cuda", "--set",
-                                    f"train.precision={precision}", "--json"))
+        result = json.loads(diffuse("bench", "--preset", "fmnist", "--device", "cuda", "--what", "all",
+                                    "--set", f"train.precision={precision}", "--set", f"sample.precision={precision}",
+                                    "--json"))
         results[precision] = result
-        rows.append((f"bench {precision}", True, json.dumps(result.get("train", ""))[:120]))
+        train, sampled = result["train"][0], result["sample"]
+        rows.append((f"bench {precision}", True, f"train {train['img_per_s']:.0f} img/s, sample "
+                                                 f"{sampled['img_per_s']:.1f} img/s ({sampled['nfe']:g} NFE)"))
     return rows, results
 
 

@@ -71,7 +71,9 @@ def test_bench_json_has_the_machine_the_peak_and_both_precisions(capsys):
     s = result["sample"]
     assert s["nfe"] == 4  # 2 DDIM steps, each evaluating the conditional and the unconditional image
     assert s["img_per_s"] > 0 and s["img_evals_per_s"] == pytest.approx(4 * s["img_per_s"])
-    assert s["of_peak"] == pytest.approx(s["achieved_gflops"] / result["matmul_peak_gflops"])
+    peak = result["matmul_peak_gflops_bf16" if s["precision"] == "bf16" else "matmul_peak_gflops"]
+    assert s["precision"] == ("bf16" if result["bf16_native"] else "fp32")  # sample.precision auto
+    assert s["of_peak"] == pytest.approx(s["achieved_gflops"] / peak)
     # the sampler's forward costs a third of a training step's forward and backward
     assert s["flops_per_img_eval"] * 3 == pytest.approx(fp32["flops_per_step"] / 4, rel=0.01)
 

@@ -22,7 +22,10 @@ TINY = ["--preset", "fmnist-tiny", "--set", "model.channels=[8, 16]", "--set", "
         "--set", "train.kimg=0.256", "--set", "train.batch=16", "--set", "train.log_kimg=0.064",
         "--set", "train.grid_kimg=0.256", "--set", "train.checkpoint_kimg=0.128", "--set", "train.fd_kimg=0.128",
         "--set", "train.fd_n=64", "--set", "train.fd_steps=2", "--set", "train.probe_kimg=0.064",
-        "--set", "sample.steps=4", "--set", "train.threads=1"]
+        "--set", "sample.steps=4", "--set", "train.threads=1",
+        # fp32: what is checked is the ranks' arithmetic, to fp32's rounding; bf16's rounding of half a batch
+        # against the whole batch's is larger than these tolerances
+        "--set", "train.precision=fp32", "--set", "sample.precision=fp32"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 ACCELERATE = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -133,7 +136,8 @@ def test_resume_on_two_ranks_continues_a_one_rank_run(runs, tmp_path):
 
 DISTILL = ["--set", "train.kimg=0.128", "--set", "train.batch=16", "--set", "train.log_kimg=0.064",
            "--set", "train.grid_kimg=0.128", "--set", "train.checkpoint_kimg=0.064", "--set", "train.fd_kimg=0.128",
-           "--set", "train.fd_n=32", "--set", "train.threads=1", "--set", "distill.gen_every=2"]
+           "--set", "train.fd_n=32", "--set", "train.threads=1", "--set", "distill.gen_every=2",
+           "--set", "train.precision=fp32", "--set", "sample.precision=fp32"]
 
 
 @pytest.mark.parametrize("method", [

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from diffuse.checkpoint import latest_checkpoint
 from diffuse.nets import build_denoiser
 from diffuse.errors import UserError
-from diffuse.speed import prepare, to_memory_format
+from diffuse.sampling import sample
+from diffuse.speed import native_bf16, prepare, to_memory_format
 from diffuse.training import train, train_step, training_loss
 
 
@@ -39,7 +40,7 @@ def twin_steps(config, switched: dict) -> tuple[tuple[float, float], tuple[float
 
 def test_bf16_step_gives_a_finite_loss_close_to_fp32_and_keeps_float32_state(tiny):
     conv_dtypes = []
-    config = tiny()
+    config = tiny("train.precision=fp32")
     (loss32, norm32), (loss16, norm16), fast, optimizer = twin_steps(config, {"precision": "bf16"})
     assert torch.isfinite(torch.tensor([loss16, norm16])).all()
     assert loss16 == pytest.approx(loss32, rel=0.03)  # bf16 keeps 8 bits of mantissa: ~0.4% per product
@@ -57,7 +58,7 @@ def test_bf16_step_gives_a_finite_loss_close_to_fp32_and_keeps_float32_state(tin
 
 
 def test_channels_last_step_gives_the_loss_of_contiguous_memory(tiny):
-    (loss_a, norm_a), (loss_b, norm_b), fast, _ = twin_steps(tiny(), {"channels_last": True})
+    (loss_a, norm_a), (loss_b, norm_b), fast, _ = twin_steps(tiny("train.precision=fp32"), {"channels_last": True})
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     assert norm_b == pytest.approx(norm_a, rel=1e-4)
     convs = [m.weight for m in fast.net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -122,3 +123,69 @@ def test_a_run_records_the_precision_auto_chose(tmp_path):
     want = "bf16" if speed.native_bf16("cpu") else "fp32"
     assert load_config(None, run / "config.toml").train.precision == want
     assert [s for s in said if s.startswith(f"precision: {want} (auto: cpu")]
+
+
+def tiny_denoiser(config):
+    """The tiny net with its zero-initialized layers filled, so its output depends on every layer."""
+    torch.manual_seed(0)
+    denoiser = build_denoiser(config).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return denoiser
+
+
+@pytest.mark.skipif(not native_bf16("cpu"), reason="bf16 is emulated on this CPU (no AVX-512 BF16 or AMX)")
+def test_bf16_sampling_runs_the_net_in_bf16_and_stays_close_to_fp32_on_any_batch_size(tiny):
+    config = tiny("sample.cfg=2")
+    denoiser = tiny_denoiser(config)
+    cond, seeds = torch.arange(6) % 10, range(6)
+    settings = {**config.sample.sampler_args(), "batch": 6}
+    dtypes = []
+    conv = next(m for m in denoiser.net.modules() if isinstance(m, torch.nn.Conv2d))
+    hook = conv.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    fp32 = sample(denoiser, (1, 28, 28), cond, seeds, **{**settings, "precision": "fp32"})
+    bf16 = sample(denoiser, (1, 28, 28), cond, seeds, **{**settings, "precision": "bf16"})
+    hook.remove()
+    assert set(dtypes) == {torch.float32, torch.bfloat16} and bf16.dtype == torch.float32
+    assert not bf16.equal(fp32)  # autocast acted
+    assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()  # 4 guided steps of bf16 rounding
+    # image i is still its own seed's: another batch size gives the same bf16 images
+    assert sample(denoiser, (1, 28, 28), cond, seeds, **{**settings, "precision": "bf16", "batch": 4}).equal(bf16)
+
+
+def test_auto_sampling_precision_is_resolved_and_reported(tmp_path, tiny, monkeypatch):
+    from diffuse import api, model as model_module
+
+    run = train(tiny("train.kimg=0.032", "train.checkpoint_kimg=0.032", "train.probe_kimg=0",
+                     "train.precision=fp32"), tmp_path / "run", log=lambda *a: None)
+    loaded = api.load(run)
+    monkeypatch.setattr(model_module, "chosen_precision", lambda precision, device: ("fp32", "test"))
+    assert loaded.sample(2).settings["precision"] == "fp32"
+    monkeypatch.setattr(model_module, "chosen_precision",
+                        lambda precision, device: ("bf16" if precision == "auto" else precision, "test"))
+    assert loaded.sample(2).settings["precision"] == "bf16"  # the run's sample.precision: auto
+    assert loaded.sample(2, precision="fp32").settings["precision"] == "fp32"
+    with pytest.raises(UserError, match="precision"):
+        loaded.sample(2, precision="fp16")
+
+
+def test_watching_runs_in_the_training_precision(tiny):
+    from diffuse.watching import watching_settings
+
+    config = tiny("sample.precision=fp32")
+    config.train.precision = "bf16"  # as `resolve_precision` leaves it
+    assert watching_settings(config)["precision"] == "bf16"
+
+
+@pytest.mark.skipif(not native_bf16("cpu"), reason="bf16 is emulated on this CPU (no AVX-512 BF16 or AMX)")
+def test_the_probe_reads_features_from_a_bf16_pass_in_float32(tiny):
+    from diffuse.metrics.probe import bottleneck_features
+
+    denoiser = tiny_denoiser(tiny())
+    x0, cond = torch.randn(4, 1, 28, 28), torch.arange(4)
+    a = bottleneck_features(denoiser, x0, cond, 300, torch.Generator().manual_seed(0), "fp32")
+    b = bottleneck_features(denoiser, x0, cond, 300, torch.Generator().manual_seed(0), "bf16")
+    assert b.dtype == torch.float32 and not a.equal(b)
+    assert (a - b).abs().max() < 0.1  # layer-normalized features: unit scale

@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from diffuse.checkpoint import latest_checkpoint, verify
 from diffuse.errors import UserError
+from diffuse.speed import native_bf16
 from diffuse.training import train
 
 
@@ -16,10 +17,14 @@ def weights(run_dir):
     return {stem: load_file(ckpt / f"{stem}.safetensors") for stem in stems}
 
 
-def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, tiny):
-    straight = train(tiny("train.kimg=0.256"), tmp_path / "straight", log=lambda *a: None)
-    train(tiny("train.kimg=0.128"), tmp_path / "resumed", log=lambda *a: None)
-    resumed = train(tiny("train.kimg=0.256"), tmp_path / "resumed", log=lambda *a: None)
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
+    not native_bf16("cpu"), reason="bf16 is emulated on this CPU (no AVX-512 BF16 or AMX)"))])
+def test_stopped_and_resumed_run_is_bit_identical_to_a_straight_run(tmp_path, tiny, precision):
+    """Within a precision: bf16's rounding is the same on the straight and on the resumed run."""
+    chosen = f"train.precision={precision}"
+    straight = train(tiny("train.kimg=0.256", chosen), tmp_path / "straight", log=lambda *a: None)
+    train(tiny("train.kimg=0.128", chosen), tmp_path / "resumed", log=lambda *a: None)
+    resumed = train(tiny("train.kimg=0.256", chosen), tmp_path / "resumed", log=lambda *a: None)
     a, b = weights(straight), weights(resumed)
     for stem in a:
         assert a[stem].keys() == b[stem].keys()

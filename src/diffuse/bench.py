@@ -35,7 +35,7 @@ from diffuse.data import dataset
 from diffuse.nets import build_denoiser
 from diffuse.sampling import sample
 from diffuse.seeding import derive_seed
-from diffuse.speed import native_bf16, prepare
+from diffuse.speed import chosen_precision, native_bf16, prepare
 from diffuse.training import train_step, training_loss
 
 WARMUP_STEPS = 2     # untimed: the first steps allocate memory, pick kernels and, with train.compile, compile
@@ -271,6 +271,7 @@ def bench_sample(config: Config, batch: int, device: torch.device) -> dict:
     achieved = flops_per_eval * evaluations.images / seconds / 1e9
     s = config.sample
     return {"sampler": s.sampler, "steps": s.steps, "cfg": s.cfg, "batch": batch, "seconds": seconds,
+            "precision": chosen_precision(s.precision, device)[0],
             "nfe": nfe, "img_per_s": batch / seconds, "img_evals_per_s": batch * nfe / seconds,
             "flops_per_img_eval": flops_per_eval, "achieved_gflops": achieved}
 
@@ -311,7 +312,8 @@ def run_bench(config: Config, label: str, overrides: list[str], what: str, batch
     result |= {"matmul_peak_gflops": peak["fp32"], "matmul_peak_gflops_bf16": peak["bf16"],
                "matmul_peak_readings": meter.readings}
     if timing_sample:
-        result["sample"] |= {"peak_gflops": peak["fp32"], "of_peak": result["sample"]["achieved_gflops"] / peak["fp32"]}
+        peak_of = peak[result["sample"]["precision"]] or peak["fp32"]  # of its own precision's peak
+        result["sample"] |= {"peak_gflops": peak_of, "of_peak": result["sample"]["achieved_gflops"] / peak_of}
     if timing_train:
         flops = train_step_flops(config, train_batch, device)
         result["train"] = [train_result(c, train_batch, seconds[c.train.precision], flops, peak[c.train.precision])
@@ -351,9 +353,10 @@ def format_report(result: dict) -> str:
             lines.append(f"bf16 / fp32 training images/s: {result['bf16_over_fp32']:.2f}")
     if "sample" in result:
         s = result["sample"]
-        lines += ["", f"sample {s['sampler']}, {s['steps']} steps, cfg {s['cfg']:g}: {s['nfe']:g} network evaluations "
-                      f"per image, batch {s['batch']}: {s['img_per_s']:.2f} img/s, {s['img_evals_per_s']:.1f} image "
-                      f"evaluations/s, {s['achieved_gflops']:.1f} GFLOP/s ({s['of_peak']:.3f} of the fp32 peak)"]
+        lines += ["", f"sample {s['sampler']}, {s['steps']} steps, cfg {s['cfg']:g}, {s['precision']}: {s['nfe']:g} "
+                      f"network evaluations per image, batch {s['batch']}: {s['img_per_s']:.2f} img/s, "
+                      f"{s['img_evals_per_s']:.1f} image evaluations/s, {s['achieved_gflops']:.1f} GFLOP/s "
+                      f"({s['of_peak']:.3f} of the {s['precision']} peak)"]
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ from diffuse.prepared import verify_prepared
 from diffuse.process import SPACINGS
 from diffuse.sampling import SAMPLERS
 from diffuse.signals import Stopped, stopped_by_signals
+from diffuse.speed import PRECISIONS
 
 
 def finite(text: str) -> float:
@@ -244,6 +245,8 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg", type=finite, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--rescale", type=finite, help="guidance rescale phi in [0, 1]")
     p.add_argument("--churn", type=finite, dest="S_churn", help="heun: EDM's stochastic churn S_churn (0 = none)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="the net's forward passes (default: the run's sample.precision, auto: bf16 where native)")
 
 
 def sampler_flags(args) -> dict:

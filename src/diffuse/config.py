@@ -105,10 +105,10 @@ class TrainConfig:
     fd_steps: int = 10                # sampler steps for the in-training FD (no guidance: it watches the model)
     threads: int = 0                  # torch CPU threads; 0 keeps torch's default
     nonfinite: str = "stop"           # a non-finite loss or gradient: stop (exit code 3) | skip the step
-    precision: str = "fp32"           # speed: fp32 | bf16 (autocast of the forward pass and loss; weights, optimizer
-                                      # and EMA stay float32) | auto (bf16 where the device computes it natively,
-                                      # else fp32; the choice is written into the run's config). Not yet the
-                                      # default: bf16's FD against fp32's is still to be measured on such a device
+    precision: str = "auto"           # speed: auto (bf16 where the device computes it natively: AVX-512 BF16 or
+                                      # AMX, a CUDA device with bf16; else fp32; the choice is written into the
+                                      # run's config) | fp32 | bf16 (autocast of the forward passes and the loss;
+                                      # weights, optimizer and EMA stay float32). The probe, grids and FD follow it
     channels_last: bool = False       # speed: the net and 4-D inputs in channels_last memory order (NHWC)
     compile: bool = False             # speed: torch.compile the net (compiles during the first steps)
 
@@ -125,11 +125,13 @@ class SampleConfig:
     S_churn: float = 0.0              # heun: EDM's stochastic churn (Karras et al. 2022, Algorithm 2); 0 = deterministic
     n_eval: int = 10_000              # samples for the FD of `diffuse eval RUN`
     batch: int = 64                   # images per sampler call (small batches run faster on a CPU)
+    precision: str = "auto"           # the net's forward passes: auto (bf16 where the sampling device computes it
+                                      # natively, as train.precision) | fp32 | bf16 (autocast; the solver stays fp32)
 
     def sampler_args(self) -> dict:
         """The keyword arguments of `sampling.sample` that this config sets."""
         return {k: getattr(self, k) for k in ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "S_churn",
-                                                   "batch")}
+                                                   "batch", "precision")}
 
 
 @dataclass

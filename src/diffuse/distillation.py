@@ -206,7 +206,7 @@ def generator_turn(dist: Distillation, z: torch.Tensor, cond, config: Config,
     t, eps = dm_times(dist, n, config, rng)[mine], normal(z.shape, z, rng, mine)
     if dist.head is not None:
         extra["t_gan"], extra["eps_gan"] = dm_times(dist, n, config, rng)[mine], normal(z.shape, z, rng, mine)
-    with autocast(config.train, z.device):  # bf16 forward passes if train.precision asks; backward outside
+    with autocast(config.train.precision, z.device):  # bf16 forward passes where it says so; backward outside
         losses, x = dist.gen_loss(x_in, t_in, c, t, eps, **extra)
     weights = {"dm": 1.0, "regression": d.regression, "gan_gen": d.gan_gen}
     total = sum(weights[key] * value for key, value in losses.items())
@@ -226,7 +226,7 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
     t, eps = draw_noise(dist.fake.process, torch.empty(shape, device=x_gen.device), rng)
     dist.fake.train()
     dist.fake_opt.zero_grad(set_to_none=True)
-    with autocast(config.train, x_gen.device):
+    with autocast(config.train.precision, x_gen.device):
         loss = dist.fake_loss(x_gen, c, t[mine], eps[mine]).mean()  # the teacher's own loss and training density
     loss.backward()
     out = {"fake": loss.item()}
@@ -235,7 +235,7 @@ def fake_turn(dist: Distillation, x_gen: torch.Tensor, x_real, cond, config: Con
         t_gan = dm_times(dist, 2 * shape[0], config, rng)[index.to(dist.grid.device)]
         eps_gan = normal((2 * shape[0], *shape[1:]), x_gen, rng, index)
         # one pass over both halves: the MP U-Net renormalizes its weights once per training pass
-        with autocast(config.train, x_gen.device):
+        with autocast(config.train.precision, x_gen.device):
             logits = dist.fake_loss(torch.cat([x_gen, x_real]), None if c is None else torch.cat([c, c]),
                                     t_gan, eps_gan, gan=True)
         n = len(x_gen)
@@ -255,7 +255,7 @@ def sample_generator(dist: Distillation, z: torch.Tensor, cond, config: Config,
     turn; for a k-step generator the x0_hat of a step drawn as in the generator's turn."""
     dist.generator.eval()
     x_in, t_in, c = simulated_input(dist, z, cond, rng)
-    with autocast(config.train, z.device):
+    with autocast(config.train.precision, z.device):
         return dist.generator(x_in, t_in, c)[0]
 
 

@@ -28,10 +28,11 @@ from diffuse.errors import UserError
 from diffuse.images import MAX_SAMPLES, NpzWriter, save_npz
 from diffuse.sampling import sample as draw
 from diffuse.seeding import image_seeds
+from diffuse.speed import chosen_precision
 
 CHUNK_SAMPLES = 1024  # images drawn, then written, at a time by save_samples (at least a sampler batch per rank)
 GRID_SAMPLES = 1000  # the first images a --grid picture is drawn from (rows of each class, or rows of 8)
-SETTINGS = ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "S_churn")  # what a sampling call may override
+SETTINGS = ("sampler", "steps", "spacing", "eta", "cfg", "rescale", "S_churn", "precision")  # a sampling call's own
 
 
 def pick_device(name: str | torch.device | None = None) -> torch.device:
@@ -98,7 +99,7 @@ class Model:
         through the null label), or a list of classes repeated to n. cond: for an image-conditioned
         model, uint8 images (n, h, w, C) or model-space (n, *cond_shape); None takes the low-res
         versions of the first n test images. settings: sampler, steps, spacing, eta, cfg, rescale,
-        S_churn, as `diffuse sample`'s flags (unset ones keep the run's [sample] config).
+        S_churn, precision, as `diffuse sample`'s flags (unset ones keep the run's [sample] config).
         """
         resolved, cond, labels = self.prepare(n, labels, cond, settings)
         x = self.draw_rows(cond, seed, 0, n, resolved, progress)
@@ -139,6 +140,7 @@ class Model:
         if type(n) is not int or not 1 <= n <= MAX_SAMPLES:
             raise UserError(f"--n {n} must be from 1 to {MAX_SAMPLES}.")
         resolved = sampler_settings(self.config, settings)
+        resolved["precision"] = chosen_precision(resolved["precision"], next(self.net.parameters()).device)[0]
         cond, labels = self.conditions(n, labels, cond)
         return resolved, cond, labels
 

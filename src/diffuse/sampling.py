@@ -34,6 +34,7 @@ from diffuse.multistep import (
     unipc,
 )
 from diffuse.process import RectifiedFlow
+from diffuse.speed import autocast
 
 Noise = Callable[[torch.Tensor], torch.Tensor]
 
@@ -251,7 +252,7 @@ SAMPLERS: Mapping[str, Sampler] = MappingProxyType({
 def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seeds: Sequence[int], *,
            sampler: str = "ddim", steps: int = 25, spacing: str = "trailing", eta: float = 0.0,
            cfg: float = 1.0, rescale: float = 0.0, S_churn: float = 0.0, S_min: float = 0.0,
-           S_max: float = math.inf, S_noise: float = 1.0, batch: int = 256,
+           S_max: float = math.inf, S_noise: float = 1.0, batch: int = 256, precision: str = "fp32",
            progress: bool = False) -> torch.Tensor:
     """Draw len(seeds) samples in model space, (N, *shape); image i depends on seeds[i] and cond[i] only.
 
@@ -262,6 +263,9 @@ def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seed
     sigma_T = 1 (flow, zero-terminal-SNR VP). eta: ddim's; S_*: heun's churn (EDM Algorithm 2); a
     sampler is given only the settings its record names. Each image costs
     `SAMPLERS[sampler].evaluations(times, process)` network evaluations, twice that with cfg != 1.
+    precision: the net's forward passes, "fp32", "bf16" or "auto" (`speed.autocast`); the solvers' own
+    arithmetic is elementwise, which autocast leaves in float32 or float64, and the net's outputs come back
+    float32 (`Denoiser.raw`).
     """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler '{sampler}'; choose one of {', '.join(SAMPLERS)}.")
@@ -281,5 +285,6 @@ def sample(denoiser: nn.Module, shape: tuple[int, ...], cond: torch.Tensor, seed
         y = cond[start:start + batch].to(device)
         # x_T = alpha_T * 0 + sigma_T * eps
         x = sigma_T * noise(torch.empty((len(y), *shape), device=device))
-        out.append(record.run(model, x, times, y, noise=noise, **settings).cpu())
+        with autocast(precision, device):
+            out.append(record.run(model, x, times, y, noise=noise, **settings).cpu())
     return torch.cat(out)

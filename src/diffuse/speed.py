@@ -1,5 +1,6 @@
-"""Opt-in speed switches of training: bf16 autocast, channels_last, torch.compile (`[train]` keys
-precision, channels_last, compile; all off by default).
+"""Speed switches: bf16 autocast (`train.precision`, `sample.precision`; "auto" by default, bf16 where
+the device computes it natively), and, for training, channels_last and torch.compile (`[train]` keys
+channels_last, compile; off by default).
 
 Each switch changes how the step runs, never what it optimizes: the weights, the optimizer's
 moments and the EMA stay float32 and keep their names, so checkpoints are the same files with
@@ -9,32 +10,37 @@ every switch on or off, and a run may change a switch when it resumes.
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from diffuse.config import TrainConfig
 from diffuse.errors import UserError
 
+if TYPE_CHECKING:  # config imports validation, which imports this module
+    from diffuse.config import TrainConfig
 
-def autocast(t: TrainConfig, device: torch.device | str) -> contextlib.AbstractContextManager:
-    """The context to compute the forward pass and the loss in: bf16 autocast for precision "bf16".
+PRECISIONS = ("auto", "fp32", "bf16")  # train.precision and sample.precision
+
+def autocast(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
+    """The context to compute forward passes in: bf16 autocast where `precision` ("fp32", "bf16" or
+    "auto", `chosen_precision`) comes to bf16 on this device.
 
     Autocast runs matrix products and convolutions in bf16 and keeps reductions and norms in
     float32; the float32 weights are cast on the fly, so nothing stored changes. bf16 has float32's
     exponent range, so unlike fp16 it needs no loss scaling. The backward pass runs outside the
     context (as PyTorch recommends) and follows the dtypes the forward chose.
     """
-    if chosen_precision(t.precision, device)[0] == "fp32":
+    if chosen_precision(precision, device)[0] == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def chosen_precision(precision: str, device: torch.device | str) -> tuple[str, str]:
-    """(fp32 | bf16, why) for train.precision: "auto" takes bf16 where the device computes it natively
+    """(fp32 | bf16, why) for a precision setting: "auto" takes bf16 where the device computes it natively
     (`native_bf16`) and fp32 elsewhere, where emulated bf16 is far slower than fp32."""
     if precision != "auto":
-        return precision, "train.precision asks for it"
+        return precision, "asked for"
     if native_bf16(device):
         return "bf16", f"auto: {torch.device(device)} computes bf16 natively"
     return "fp32", f"auto: {torch.device(device)} has no native bf16 (no AVX-512 BF16 or AMX), where it is emulated"

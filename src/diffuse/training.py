@@ -177,7 +177,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x0: torch.Ten
     seed_dropout(seed)
     generator = torch.Generator().manual_seed(seed)
     x0, cond = to_memory_format(x0, config.train), to_memory_format(cond, config.train)
-    with autocast(config.train, x0.device):  # bf16 forward and loss if train.precision asks; backward outside
+    with autocast(config.train.precision, x0.device):  # bf16 forward and loss where it says so; backward outside
         loss = model(x0, cond, generator, n or len(x0)).mean()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -204,11 +204,11 @@ def drop_condition(cond: torch.Tensor, p: float, generator: torch.Generator, n: 
 def start_probe(denoiser: Denoiser, data: TrainData, t: TrainConfig, log) -> Probe:
     """A fresh probe whose baseline is its head fitted to the features of the untrained `denoiser`."""
     start = time.perf_counter()
-    probe = Probe(denoiser, data.first(1)[0], data.num_classes)
+    probe = Probe(denoiser, data.first(1)[0], data.num_classes, precision=t.precision)
     fit = data.first(2048)
     held = data.take(torch.arange(max(len(data) - 1024, 0), len(data)))
     probe.baseline = fit_baseline(denoiser, fit, held, data.num_classes, probe.t,
-                                  seed=derive_seed(t.seed, "probe-baseline"))
+                                  seed=derive_seed(t.seed, "probe-baseline"), precision=t.precision)
     probe.seconds = time.perf_counter() - start  # counted with the first summary
     log(f"probe: linear head on the bottleneck at t={probe.t}; untrained-net baseline accuracy "
         f"{probe.baseline:.3f} ({probe.seconds:.1f} s)")

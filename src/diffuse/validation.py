@@ -13,6 +13,7 @@ from diffuse.denoiser import PREDICTIONS
 from diffuse.errors import UserError
 from diffuse.nets import NETS
 from diffuse.process import PROCESSES, SCHEDULES, SPACINGS
+from diffuse.speed import PRECISIONS
 from diffuse.sampling import SAMPLERS
 
 if TYPE_CHECKING:  # config imports this module
@@ -32,7 +33,8 @@ CHOICES = {
     "train.lr_schedule": ("constant", "inv_sqrt"),
     "train.loss_weighting": ("uniform", "uncertainty"),
     "train.ema": ("traditional", "power"),
-    "train.precision": ("auto", "fp32", "bf16"),
+    "train.precision": PRECISIONS,
+    "sample.precision": PRECISIONS,
 }
 POSITIVE = {"data.factor", "diffusion.sigma_data", "diffusion.P_std", "diffusion.sigma_min", "diffusion.sigma_max",
             "diffusion.rho", "train.lr_ref_kimg", "train.ema_snapshot_kimg", "train.kimg", "train.batch", "train.lr", "train.ema_halflife_kimg", "train.log_kimg",

@@ -16,13 +16,19 @@ from diffuse.report import read_events
 from diffuse.sampling import sample
 from diffuse.seeding import derive_seed, image_seeds
 
+
+def watching_settings(config: Config) -> dict:
+    """The run's sampler settings in the training's own precision (train.precision, "auto" resolved by now)."""
+    return {**config.sample.sampler_args(), "precision": config.train.precision}
+
+
 def training_fd(ema: Denoiser, config: Config, dataset: Dataset, data: TrainData) -> dict:
     """The FD of fd_n EMA samples: fixed seeds (the same noise each time), fd_steps steps, no guidance.
     Under a launcher each rank samples its block of the images and the feature sums are added up."""
     start = time.perf_counter()
     t = config.train
     cond, labels = dataset.eval_conditions(data.scaling, t.fd_n)
-    settings = {**config.sample.sampler_args(), "steps": t.fd_steps, "cfg": 1.0}
+    settings = {**watching_settings(config), "steps": t.fd_steps, "cfg": 1.0}
     mine = distributed.block(t.fd_n)
     seeds = image_seeds(derive_seed(t.seed, "fd"), t.fd_n)[mine]
     x = sample(ema, dataset.shape, cond[mine], seeds, **settings)
@@ -35,7 +41,7 @@ def training_fd(ema: Denoiser, config: Config, dataset: Dataset, data: TrainData
 def write_grid(ema: Denoiser, config: Config, dataset: Dataset, scaling: Scaling | None, path: Path) -> None:
     """A fixed-seed picture of what the EMA model samples now (`Dataset.grid_conditions`, `Dataset.picture`)."""
     cond, labels, truth = dataset.grid_conditions(scaling)
-    x = sample(ema, dataset.shape, cond, range(len(cond)), **config.sample.sampler_args())
+    x = sample(ema, dataset.shape, cond, range(len(cond)), **watching_settings(config))
     samples = scaling.decode(x) if scaling else x
     dataset.picture(path, samples.numpy(), labels.numpy(), None if truth is None else truth.numpy())
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from diffuse.denoiser import Denoiser, append_dims
 from diffuse.sampling import null_condition
+from diffuse.speed import autocast
 
 
 def moderate_time(process) -> float | int:
@@ -34,9 +35,10 @@ def moderate_time(process) -> float | int:
 
 @torch.no_grad()
 def bottleneck_features(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor | None, t,
-                        generator: torch.Generator) -> torch.Tensor:
+                        generator: torch.Generator, precision: str = "fp32") -> torch.Tensor:
     """Features (B, D): the bottleneck's output for x0 (B, ...) noised to time t, averaged over pixels,
-    layer-normalized (so the head sees one scale while the model's changes), in float32."""
+    layer-normalized (so the head sees one scale while the model's changes), in float32; the net's pass
+    in `precision` (`speed.autocast`)."""
     captured = []
     hook = denoiser.net.bottleneck.register_forward_hook(lambda module, args, out: captured.append(out))
     was_training = denoiser.training
@@ -45,7 +47,8 @@ def bottleneck_features(denoiser: Denoiser, x0: torch.Tensor, cond: torch.Tensor
         tt = torch.full((len(x0),), t, device=x0.device)
         alpha, sigma = denoiser.process.alpha_sigma(tt)
         eps = torch.randn(x0.shape, generator=generator).to(x0)
-        denoiser.raw(append_dims(alpha, x0) * x0 + append_dims(sigma, x0) * eps, tt, cond)
+        with autocast(precision, x0.device):
+            denoiser.raw(append_dims(alpha, x0) * x0 + append_dims(sigma, x0) * eps, tt, cond)
     finally:
         hook.remove()
         denoiser.train(was_training)
@@ -63,8 +66,8 @@ class Probe:
     """
 
     def __init__(self, denoiser: Denoiser, example: torch.Tensor, num_classes: int, lr: float = 1e-2,
-                 memory: int = 2048):
-        self.t = moderate_time(denoiser.process)
+                 memory: int = 2048, precision: str = "fp32"):
+        self.t, self.precision = moderate_time(denoiser.process), precision  # the net's passes: train.precision
         dim = bottleneck_features(denoiser, example[:1], None, self.t, torch.Generator()).shape[1]
         self.head = zero_linear(dim, num_classes).to(example.device)
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=lr)
@@ -78,7 +81,7 @@ class Probe:
         """Classify the batch (counted: the head has not seen it), remember it, take a pass over the memory."""
         start = time.perf_counter()
         generator = torch.Generator().manual_seed(seed)
-        features = bottleneck_features(denoiser, x0, hide_label(cond), self.t, generator)
+        features = bottleneck_features(denoiser, x0, hide_label(cond), self.t, generator, self.precision)
         with torch.no_grad():
             self.correct += (self.head(features).argmax(dim=1) == labels).sum().item()
         self.count += len(labels)
@@ -137,17 +140,18 @@ def hide_label(cond: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def fit_baseline(untrained: Denoiser, fit: tuple, test: tuple, num_classes: int, t, *, seed: int,
-                 epochs: int = 30, batch: int = 64, lr: float = 1e-2) -> float:
+                 epochs: int = 30, batch: int = 64, lr: float = 1e-2, precision: str = "fp32") -> float:
     """Held-out accuracy of the probe's head fitted to the untrained net's features.
 
     fit, test: (x (N, ...), cond (N, ...), labels (N,)); the head fits on `fit`'s examples and is
-    tested on `test`'s, each noised once at time t, for `epochs` passes over the cached features.
+    tested on `test`'s, each noised once at time t, for `epochs` passes over the cached features; the
+    net's passes in `precision`, as the probe's.
     """
     generator = torch.Generator().manual_seed(seed)
 
     def features(xs, cs):
-        return torch.cat([bottleneck_features(untrained, xs[i:i + 256], hide_label(cs[i:i + 256]), t, generator)
-                          for i in range(0, len(xs), 256)])
+        return torch.cat([bottleneck_features(untrained, xs[i:i + 256], hide_label(cs[i:i + 256]), t, generator,
+                                              precision) for i in range(0, len(xs), 256)])
 
     f_fit, y_fit = features(*fit[:2]), fit[2]
     f_test, y_test = features(*test[:2]), test[2]
