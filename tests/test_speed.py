@@ -151,15 +151,17 @@ def test_bf16_sampling_runs_the_net_in_bf16_and_stays_close_to_fp32_on_any_batch
     assert set(dtypes) == {torch.float32, torch.bfloat16} and bf16.dtype == torch.float32
     assert not bf16.equal(fp32)  # autocast acted
     assert (bf16 - fp32).abs().max() < 0.05 * fp32.abs().max()  # 4 guided steps of bf16 rounding
-    # image i is still its own seed's: another batch size gives the same bf16 images
-    assert sample(denoiser, (1, 28, 28), cond, seeds, **{**settings, "precision": "bf16", "batch": 4}).equal(bf16)
+    # image i is still its own seed's: another batch size gives the same bf16 images, to bf16's rounding
+    # (bit for bit on the AMD EPYC here; another CPU's kernels may block a batch of 4 differently)
+    other = sample(denoiser, (1, 28, 28), cond, seeds, **{**settings, "precision": "bf16", "batch": 4})
+    assert (other - bf16).abs().max() < 0.01 * fp32.abs().max()
 
 
 def test_auto_sampling_precision_is_resolved_and_reported(tmp_path, tiny, monkeypatch):
     from diffuse import api, model as model_module
 
     run = train(tiny("train.kimg=0.032", "train.checkpoint_kimg=0.032", "train.probe_kimg=0",
-                     "train.precision=fp32"), tmp_path / "run", log=lambda *a: None)
+                     "train.precision=fp32", "sample.precision=auto"), tmp_path / "run", log=lambda *a: None)
     loaded = api.load(run)
     monkeypatch.setattr(model_module, "chosen_precision", lambda precision, device: ("fp32", "test"))
     assert loaded.sample(2).settings["precision"] == "fp32"
