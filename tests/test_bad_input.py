@@ -246,18 +246,21 @@ NUMBER_TEXT = st.one_of(st.integers(-5, 5).map(str), st.floats(-3, 3).map(lambda
 @given(n=NUMBER_TEXT, steps=NUMBER_TEXT, cfg=NUMBER_TEXT, rescale=NUMBER_TEXT, eta=NUMBER_TEXT,
        labels=st.sampled_from(["all", "none", "0,3", "9", "10", "-1", "a,b", "", "3,"]),
        sampler=st.sampled_from(["ddim", "ddpm", "euler", "heun", "DDIM"]),
-       spacing=st.sampled_from(["trailing", "leading", "linspace", "middle"]))
+       spacing=st.sampled_from(["trailing", "leading", "linspace", "middle"]),
+       precision=st.sampled_from(["auto", "fp32", "fp16", "BF16", ""]))  # not bf16: emulated where not native
 def test_any_sample_flags_are_sampled_or_refused_in_one_sentence(tiny_run, tmp_path, n, steps, cfg, rescale, eta,
-                                                                  labels, sampler, spacing):
+                                                                  labels, sampler, spacing, precision):
     out = tmp_path / "s.npz"
     argv = ["sample", str(tiny_run), "--n", n, "--steps", steps, "--cfg", cfg, "--rescale", rescale, "--eta", eta,
-            "--labels", labels, "--sampler", sampler, "--spacing", spacing, "--out", str(out)]
+            "--labels", labels, "--sampler", sampler, "--spacing", spacing, "--precision", precision,
+            "--out", str(out)]
     out.unlink(missing_ok=True)
     code, err, _ = run_cli(argv)
     valid = (_int(n) is not None and 1 <= _int(n) <= 5 and _int(steps) is not None and 1 <= _int(steps) <= 1000
              and _float(cfg) is not None and _float(rescale) is not None and 0 <= _float(rescale) <= 1
              and _float(eta) is not None and 0 <= _float(eta) <= 1 and labels in ("all", "none", "0,3", "9")
-             and _float(cfg) >= 0 and sampler in set(SAMPLERS) - {"euler"} and spacing != "middle")
+             and _float(cfg) >= 0 and sampler in set(SAMPLERS) - {"euler"} and spacing != "middle"
+             and precision in ("auto", "fp32"))
     if valid:
         assert code == 0, err
         assert len(np.load(out)["images"]) == _int(n)

@@ -15,16 +15,28 @@ from diffuse.speed import native_bf16, prepare, to_memory_format
 from diffuse.training import train, train_step, training_loss
 
 
+def filled_denoiser(config):
+    """The config's net with its zero-initialized layers filled, so its output depends on every layer (the
+    U-Net's zero-initialized layers would hide the whole net's rounding)."""
+    torch.manual_seed(0)
+    denoiser = build_denoiser(config)
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            if not p.any():
+                p.normal_(0, 0.1)
+    return denoiser
+
+
+def tiny_denoiser(config):
+    """`filled_denoiser`, for sampling: eval mode, no gradients."""
+    return filled_denoiser(config).eval().requires_grad_(False)
+
+
 def twin_steps(config, switched: dict) -> tuple[tuple[float, float], tuple[float, float], torch.nn.Module,
                                                  torch.optim.Optimizer]:
     """One training step of the same net on the same batch and seed, plain and with `switched` train.* keys:
     ((loss, grad norm) plain, (loss, grad norm) switched, the switched denoiser, its optimizer)."""
-    torch.manual_seed(0)
-    plain = build_denoiser(config)
-    with torch.no_grad():  # the U-Net's zero-initialized layers would hide the whole net's rounding from the loss
-        for p in plain.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
+    plain = filled_denoiser(config)
     fast, fast_config = copy.deepcopy(plain), copy.deepcopy(config)
     for key, value in switched.items():
         setattr(fast_config.train, key, value)
@@ -123,17 +135,6 @@ def test_a_run_records_the_precision_auto_chose(tmp_path):
     want = "bf16" if speed.native_bf16("cpu") else "fp32"
     assert load_config(None, run / "config.toml").train.precision == want
     assert [s for s in said if s.startswith(f"precision: {want} (auto: cpu")]
-
-
-def tiny_denoiser(config):
-    """The tiny net with its zero-initialized layers filled, so its output depends on every layer."""
-    torch.manual_seed(0)
-    denoiser = build_denoiser(config).eval().requires_grad_(False)
-    with torch.no_grad():
-        for p in denoiser.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
-    return denoiser
 
 
 @pytest.mark.skipif(not native_bf16("cpu"), reason="bf16 is emulated on this CPU (no AVX-512 BF16 or AMX)")
