@@ -353,3 +353,52 @@ def test_eval_refuses_images_of_the_wrong_size_channels_or_type(tmp_path, capsys
     err = capsys.readouterr().err
     assert words in err
     assert_one_sentence(err)
+
+
+# ---------------------------------------------------------------------------------------------
+# `diffuse eval DATA_DIR --features inception`: every --split, --n and reference path is measured or
+# refused in one sentence, and a refused command leaves the reference path as it was.
+
+
+@pytest.fixture(scope="module")
+def small_data_dir(tmp_path_factory):
+    from diffuse.preparing import PrepareOptions, prepare
+    folder = tmp_path_factory.mktemp("fid-data")
+    g = np.random.default_rng(0)
+    np.savez(folder / "src.npz", images=g.integers(0, 256, (6, 16, 16, 1), dtype=np.uint8))
+    prepare([folder / "src.npz"], folder / "data", PrepareOptions(heldout=0.5), log=lambda *a: None)
+    return folder / "data"
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(split=st.sampled_from(["train", "test", "all", "", "heldout", "TEST", None]),
+       n=st.one_of(st.none(), NUMBER_TEXT),
+       target=st.sampled_from(["new", "folder", "notes", "reference"]))
+def test_any_fid_flags_on_a_data_dir_are_measured_or_refused_in_one_sentence(small_data_dir, tmp_path,
+                                                                             split, n, target):
+    ref = tmp_path / "ref.npz"
+    if ref.is_dir():
+        ref.rmdir()
+    ref.unlink(missing_ok=True)
+    if target == "folder":
+        ref.mkdir()
+    elif target == "notes":
+        ref.write_text("my notes")
+    elif target == "reference":
+        assert main(["eval", str(small_data_dir), "--features", "inception", "--write-ref", str(ref)]) == 0
+    before = ref.read_bytes() if ref.is_file() else None
+    argv = ["eval", str(small_data_dir), "--features", "inception", "--write-ref", str(ref)]
+    argv += ["--split", split] if split is not None else []
+    argv += ["--n", n] if n is not None else []
+    code, err, _ = run_cli(argv)
+    size = {"train": 3, "test": 3, "all": 6, None: 3}.get(split)
+    valid = (size is not None and (n is None or (_int(n) is not None and 2 <= _int(n) <= size))
+             and target in ("new", "reference"))
+    if valid:
+        assert code == 0, err
+        assert ref.is_file()
+    else:
+        assert code == 2, argv
+        assert_one_sentence(err)
+        assert (ref.read_bytes() if ref.is_file() else None) == before and ref.is_dir() == (target == "folder")

@@ -306,3 +306,41 @@ def test_a_bad_ref_path_is_one_sentence_and_nothing_is_lost(tmp_path, capsys, fl
     err = capsys.readouterr().err
     assert err.startswith("diffuse: ") and err.count("\n") == 1 and "Traceback" not in err and words in err
     assert (path.read_bytes() if path.is_file() else None) == before
+
+
+def test_a_data_dirs_splits_give_reference_stats_and_fid(tmp_path, capsys):
+    """A prepared DATA_DIR as the source: --write-ref writes its training split's statistics (the
+    default), --split test measures its held-out images against them, and both agree with
+    inception_stats of the very rows; --split elsewhere, or --n past the split, is one sentence."""
+    import json
+
+    from diffuse.cli import main
+    from diffuse.images import save_npz
+    from diffuse.preparing import PrepareOptions, prepare
+    from diffuse.prepared import open_prepared
+
+    g = np.random.default_rng(0)
+    np.savez(tmp_path / "src.npz", images=g.integers(0, 256, (10, 16, 16, 3), dtype=np.uint8))
+    data = tmp_path / "data"
+    prepare([tmp_path / "src.npz"], data, PrepareOptions(heldout=0.4), log=lambda *a: None)
+    prepared = open_prepared(data)
+    ref = tmp_path / "ref.npz"
+    assert main(["eval", str(data), "--features", "inception", "--write-ref", str(ref)]) == 0
+    assert "of 6 images (the train split)" in capsys.readouterr().out
+    want = inception_stats(np.asarray(prepared.images)[prepared.train_index])
+    np.testing.assert_allclose(read_reference(ref)[0], want.mean(), rtol=1e-6, atol=1e-8)
+    assert main(["eval", str(data), "--features", "inception", "--split", "test", "--ref", str(ref), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    held = inception_stats(np.asarray(prepared.images)[prepared.heldout])
+    assert (result["n"], result["split"]) == (4, "test")
+    assert abs(result["fid"] - fid(held, want)) < 1e-6 * max(1.0, result["fid"])
+
+    save_npz(tmp_path / "a.npz", np.zeros((4, 16, 16, 3), np.uint8), np.zeros(4, np.int64))
+    for argv, words in [([str(tmp_path / "a.npz"), "--split", "test"], "is not one"),
+                        ([str(data), "--split", "test", "--n", "5"], "--n 5 must be between 2 and the 4 images"),
+                        ([str(data), "--data", str(data)], "is a DATA_DIR itself")]:
+        assert main(["eval", *argv, "--features", "inception", "--ref", str(ref)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("diffuse: ") and err.count("\n") == 1 and words in err, err
+    assert main(["eval", str(tmp_path / "a.npz"), "--split", "test"]) == 2
+    assert "are for --features inception" in capsys.readouterr().err

@@ -35,6 +35,7 @@ from diffuse.errors import UserError
 from diffuse.files import check_writable
 from diffuse.images import MAX_SAMPLES, load_npz
 from diffuse.lock import run_lock
+from diffuse.metrics.fd import FeatureStats
 from diffuse.metrics.feature_train import train_feature_net
 from diffuse.metrics.features import evaluate_features, fd_name
 from diffuse.metrics.inception import fid, inception_stats, read_reference, write_reference
@@ -42,13 +43,14 @@ from diffuse.metrics.superres import evaluate_superres
 from diffuse.model import SETTINGS, Model, Samples, checkpoint_at, load, pick_device  # noqa: F401 (the API's)
 from diffuse.nets import sized_for
 from diffuse.outputs import check_checkpoint_out, check_file_out, check_run
-from diffuse.prepared import Prepared
+from diffuse.prepared import Prepared, is_data_dir, open_prepared
 from diffuse.preparing import PrepareOptions, prepare
 from diffuse.report import ema_sweep_plot, write_report
 from diffuse.training import train as run_training
 
 SWEEP_FILES = ("ema_sweep.json", "ema_sweep.svg", "report.html")  # what `ema --sweep` writes into the run
 DOCTOR_FILES = ("doctor.json", "report.html")  # what `doctor --run` writes into the run
+SPLITS = ("train", "test", "all")  # the images of a DATA_DIR that FID measures; test is its held-out split
 
 
 def make_config(config: str | Path | Config | None = None, overrides: Sequence[str] | Mapping = ()) -> Config:
@@ -226,23 +228,23 @@ def images_of(source: str | Path, n: int | None = None, *, ema: float | None = N
     return drawn.images, drawn.labels, drawn.settings
 
 
-def fid_of(source: str | Path, ref: str | Path, n: int | None = None, *, device: str | torch.device | None = "auto",
-           **options) -> dict:
-    """FID (Inception-v3, the TF 2015-12-05 weights) of a samples .npz or of n samples of a run, against the
-    reference statistics in `ref` (EDM's .npz with mu and sigma, e.g. from `write_fid_reference`)."""
+def fid_of(source: str | Path, ref: str | Path, n: int | None = None, *, split: str | None = None,
+           device: str | torch.device | None = "auto", **options) -> dict:
+    """FID (Inception-v3, the TF 2015-12-05 weights) against the reference statistics in `ref` (EDM's .npz
+    with mu and sigma, e.g. from `write_fid_reference`) of a samples .npz, of a prepared DATA_DIR's split,
+    or of n samples of a run (see `fid_stats_of`)."""
     reference = read_reference(ref)  # a bad file is found before the slow part
-    images, _, settings = images_of(source, n, device=device, **options)
-    if not distributed.is_main():
+    stats, settings = fid_stats_of(source, n, split, device=device, **options)
+    if stats is None:
         return {}
-    stats = inception_stats(images, pick_device(device))
     return {"source": str(source), "features": "inception", "fid": fid(stats, reference), "n": stats.n,
             "ref": str(ref)} | settings
 
 
-def write_fid_reference(source: str | Path, out: str | Path, n: int | None = None, *,
+def write_fid_reference(source: str | Path, out: str | Path, n: int | None = None, *, split: str | None = None,
                         device: str | torch.device | None = "auto", **options) -> dict:
-    """Write the Inception statistics of a samples .npz (real images saved as one, say) or of n samples of a
-    run to `out`, as EDM's reference .npz; returns {"n", "ref"}."""
+    """Write the Inception statistics of a samples .npz, of a prepared DATA_DIR's split (default: its
+    training images) or of n samples of a run to `out`, as EDM's reference .npz; returns {"n", "ref"}."""
     out = Path(out)
     if out.exists() and not out.is_file():
         raise UserError(f"--write-ref {out} is a folder; give the path of an .npz file to write.")
@@ -251,14 +253,48 @@ def write_fid_reference(source: str | Path, out: str | Path, n: int | None = Non
             read_reference(out)
         except UserError:
             raise UserError(f"--write-ref {out} exists and is not a reference .npz; choose a new path.") from None
-    images, _, _ = images_of(source, n, device=device, **options)
-    if not distributed.is_main():
+    stats, settings = fid_stats_of(source, n, split, device=device, **options)
+    if stats is None:
         return {}
-    stats = inception_stats(images, pick_device(device))
     if stats.n < 2:
         raise UserError(f"reference statistics need at least 2 images; {source} has {stats.n}.")
     write_reference(out, stats)
-    return {"source": str(source), "n": stats.n, "ref": str(out)}
+    return {"source": str(source), "n": stats.n, "ref": str(out)} | settings
+
+
+def fid_stats_of(source: str | Path, n: int | None = None, split: str | None = None, *,
+                 device: str | torch.device | None = "auto", **options) -> tuple[FeatureStats | None, dict]:
+    """(Inception FeatureStats, what was measured) of a samples .npz, of the first n images (default: all)
+    of a prepared DATA_DIR's split ("train", the default; "test", its held-out images; or "all"), or of n
+    samples of a run; (None, {}) on ranks other than 0."""
+    source = Path(source)
+    if source.is_dir() and is_data_dir(source):
+        if options.get("data") is not None:
+            raise UserError("--data gives a run's data set; this source is a DATA_DIR itself.")
+        prepared = open_prepared(source)
+        rows = split_rows(prepared, split or "train", n)
+        if not distributed.is_main():
+            return None, {}
+        return inception_stats(prepared.images, pick_device(device), rows=rows), {"split": split or "train"}
+    if split is not None:
+        raise UserError(f"--split picks images of a prepared DATA_DIR; {source} is not one.")
+    images, _, settings = images_of(source, n, device=device, **options)
+    if not distributed.is_main():
+        return None, {}
+    return inception_stats(images, pick_device(device)), settings
+
+
+def split_rows(prepared: Prepared, split: str, n: int | None) -> np.ndarray:
+    """The first n (default: all) row indices of a prepared data set's split: train, test (held out) or all."""
+    if split not in SPLITS:
+        raise UserError(f"--split {split} is not one of {', '.join(SPLITS)}.")
+    if split == "all":
+        rows = np.arange(prepared.meta["count"])
+    else:
+        rows = prepared.train_index if split == "train" else prepared.heldout
+    if n is not None and not 2 <= n <= len(rows):
+        raise UserError(f"--n {n} must be between 2 and the {len(rows)} images of {prepared.path}'s {split} split.")
+    return rows[:n]
 
 
 def fd(images: np.ndarray | torch.Tensor, labels=None, features: str = "fmnist",

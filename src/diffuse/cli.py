@@ -150,7 +150,7 @@ def add_sampling_commands(sub) -> None:
     p.set_defaults(run=cmd_sample)
 
     p = sub.add_parser("eval", help="FD-FMNIST and class accuracy of a samples file or a run")
-    p.add_argument("source", help="samples .npz, or a RUN_DIR to sample from first")
+    p.add_argument("source", help="samples .npz, a RUN_DIR to sample from first, or (inception) a DATA_DIR")
     p.add_argument("--n", "--num-samples", dest="n", type=int,
                    help="samples drawn from a run (default: its sample.n_eval); --num-samples under torchrun")
     add_sampler_flags(p)
@@ -161,6 +161,8 @@ def add_sampling_commands(sub) -> None:
     p.add_argument("--ref", metavar="STATS.npz", help="inception: the reference statistics (EDM's .npz: mu, sigma)")
     p.add_argument("--write-ref", metavar="STATS.npz",
                    help="inception: write the source's statistics as a reference .npz instead of measuring")
+    p.add_argument("--split", choices=api.SPLITS,
+                   help="inception, a DATA_DIR source: its training images (default), its held-out ones, or all")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_data_flag(p)
     add_device_flag(p)
@@ -293,8 +295,9 @@ def cmd_sample(args) -> None:
 def cmd_eval(args) -> None:
     if args.features == "inception":
         return cmd_fid(args)
-    if args.ref or args.write_ref:
-        raise UserError("--ref and --write-ref are for --features inception; an FD's feature net has its own reference.")
+    if args.ref or args.write_ref or args.split:
+        raise UserError("--ref, --write-ref and --split are for --features inception; an FD's feature net has its own "
+                        "reference.")
     result = api.evaluate(args.source, args.n, ema=args.ema, features=args.features, device=args.device,
                           progress=progress(), data=args.data, **sampler_flags(args))
     if not result:  # a rank other than 0
@@ -319,17 +322,23 @@ def cmd_fid(args) -> None:
     if (args.ref is None) == (args.write_ref is None):
         raise UserError("--features inception needs --ref STATS.npz to measure against, or --write-ref STATS.npz "
                         "to write the source's statistics; give one of them.")
-    options = dict(ema=args.ema, device=args.device, progress=progress(), data=args.data, **sampler_flags(args))
+    options = dict(split=args.split, ema=args.ema, device=args.device, progress=progress(), data=args.data,
+                   **sampler_flags(args))
     if args.write_ref:
         result = api.write_fid_reference(args.source, args.write_ref, args.n, **options)
         if result:
-            print(json.dumps(result) if args.json else f"wrote the Inception statistics of {result['n']} images "
-                                                         f"to {result['ref']}")
+            print(json.dumps(result) if args.json else f"wrote the Inception statistics of {result['n']} "
+                                                         f"{what(result, 'images')} to {result['ref']}")
         return
     result = api.fid_of(args.source, args.ref, args.n, **options)
     if result:
-        print(json.dumps(result) if args.json else f"FID {result['fid']:.3f} over {result['n']} samples "
-                                                     f"against {result['ref']}")
+        print(json.dumps(result) if args.json else f"FID {result['fid']:.3f} over {result['n']} "
+                                                     f"{what(result, 'samples')} against {result['ref']}")
+
+
+def what(result: dict, files: str) -> str:
+    """What an FID result measured: `files` (of an .npz or a run), or "images (the test split)" of a DATA_DIR."""
+    return f"images (the {result['split']} split)" if "split" in result else files
 
 
 def cmd_ema(args) -> None:

@@ -122,31 +122,44 @@ def preprocess(images: torch.Tensor) -> torch.Tensor:
     return (x - 128) / 128
 
 
+def default_batch(device: torch.device) -> int:
+    """Images per forward pass: 8 on a CPU, where a small batch stays in cache (57 s per 1,000 images
+    at 8 against 83 at 64 on a 2-core Xeon, benchmarks/inception_speed.py), 64 on an accelerator."""
+    return 8 if device.type == "cpu" else 64
+
+
 @torch.inference_mode()
 def inception_features(images: torch.Tensor | np.ndarray, device: str | torch.device | None = None,
-                       batch: int = 64) -> np.ndarray:
+                       batch: int | None = None) -> np.ndarray:
     """uint8 images (N, H, W, C), C = 1 or 3 -> float64 (N, 2048) pool features, on the CPU.
 
-    Runs `batch` images at a time on `device` (default: the images' own); each batch moves there alone.
+    Runs `batch` images at a time (default: `default_batch`) on `device` (default: the images' own);
+    each batch moves there alone and enters the network channels-last, the layout whose convolutions
+    are fastest (1.2x on a CPU; the features move by about 1e-5).
     """
     images = _check_images(images)
+    device = torch.device(device) if device is not None else images.device
+    batch = default_batch(device) if batch is None else batch
     if batch < 1:
         raise UserError(f"the FID batch size must be at least 1; got {batch}.")
-    device = torch.device(device) if device is not None else images.device
     net = load_inception(device)
     out = np.empty((len(images), FEATURE_DIM))
     for start in range(0, len(images), batch):
-        x = preprocess(images[start:start + batch].to(device))
+        x = preprocess(images[start:start + batch].to(device)).contiguous(memory_format=torch.channels_last)
         out[start:start + len(x)] = net(x).to("cpu", torch.float64).numpy()
     return out
 
 
 def inception_stats(images: torch.Tensor | np.ndarray, device: str | torch.device | None = None,
-                    batch: int = 64) -> FeatureStats:
-    """FeatureStats (D = 2048) of uint8 images (N, H, W, C); mergeable with other batches or ranks."""
+                    batch: int | None = None, rows: np.ndarray | None = None) -> FeatureStats:
+    """FeatureStats (D = 2048) of uint8 images (N, H, W, C), or of images[rows] (a memory-mapped data
+    set's split, say); read 1,024 at a time, so memory stays bounded; mergeable with other batches or ranks."""
+    rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
     stats = FeatureStats.empty(FEATURE_DIM)
-    for start in range(0, len(images), 16 * batch):  # bounded memory for the feature block
-        stats.update(inception_features(images[start:start + 16 * batch], device, batch))
+    for start in range(0, len(rows), 1024):
+        chunk = rows[start:start + 1024]
+        block = images[chunk] if isinstance(images, np.ndarray) else images[torch.from_numpy(chunk)]
+        stats.update(inception_features(block, device, batch))
     return stats
 
 
