@@ -1,7 +1,8 @@
 """FD against network evaluations for every sampler on a trained run: the table and plot that pick a
 preset's default sampler.
 
-    python benchmarks/sampler_nfe.py RUN [--n 1000] [--nfe 5,10,15,25,50] [--cfg W] [--samplers ddim,unipc]
+    python benchmarks/sampler_nfe.py RUN [--n 1000] [--nfe 5,10,15,25,50] [--cfg W] [--spacing S]
+                                      [--samplers ddim,unipc]
 
 For each sampler and each budget of network evaluations per image (a guided evaluation counts both
 passes), the most steps that fit the budget (`Sampler.evaluations`), the same seeds and sample
@@ -38,13 +39,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000, help="samples per cell (the same seeds in every cell)")
     parser.add_argument("--nfe", default="5,10,15,25,50", help="budgets of network evaluations per image")
     parser.add_argument("--cfg", type=float, help="guidance scale (default: the run's sample.cfg)")
+    parser.add_argument("--spacing", help="a discrete process's step spacing (default: the run's sample.spacing)")
     parser.add_argument("--samplers", help="comma-separated (default: every sampler that suits the run's process)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     model = diffuse.load(args.run, device=args.device)
     cfg = model.config.sample.cfg if args.cfg is None else args.cfg
-    spacing = model.config.sample.spacing
+    spacing = args.spacing or model.config.sample.spacing
     names = args.samplers.split(",") if args.samplers else [
         name for name, s in SAMPLERS.items() if name not in ("ddpm", "renoise")
         and (s.processes is None or isinstance(model.process, s.processes))]
@@ -55,7 +57,8 @@ def main() -> None:
             if fit is None:
                 continue
             start = time.perf_counter()
-            result = diffuse.evaluate(args.run, n=args.n, device=args.device, sampler=name, steps=fit[0], cfg=cfg)
+            result = diffuse.evaluate(args.run, n=args.n, device=args.device, sampler=name, steps=fit[0], cfg=cfg,
+                                      spacing=spacing)
             rows.append({"sampler": name, "budget": budget, "steps": fit[0], "nfe": fit[1], "fd": result["fd"],
                          "accuracy": result["accuracy"], "seconds": time.perf_counter() - start})
             print(json.dumps(rows[-1]), flush=True)
@@ -63,7 +66,7 @@ def main() -> None:
     (args.run / "sampler_nfe.json").write_text(json.dumps(table, indent=1))
     (args.run / "sampler_nfe.svg").write_text(sampler_nfe_plot(rows))
     write_report(args.run)
-    print(f"\nFD-FMNIST of {args.n} samples (cfg {cfg:g}) against network evaluations per image:\n")
+    print(f"\nFD-FMNIST of {args.n} samples (cfg {cfg:g}, {spacing} spacing) against network evaluations per image:\n")
     budgets = sorted({r["budget"] for r in rows})
     print("| sampler | " + " | ".join(f"{b} NFE" for b in budgets) + " |")
     print("|---|" + "---|" * len(budgets))
