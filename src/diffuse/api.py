@@ -268,14 +268,14 @@ def fid_stats_of(source: str | Path, n: int | None = None, split: str | None = N
     of a prepared DATA_DIR's split ("train", the default; "test", its held-out images; or "all"), or of n
     samples of a run; (None, {}) on ranks other than 0."""
     source = Path(source)
-    if source.is_dir() and is_data_dir(source):
+    if is_data_dir(source):
         if options.get("data") is not None:
             raise UserError("--data gives a run's data set; this source is a DATA_DIR itself.")
-        prepared = open_prepared(source)
-        rows = split_rows(prepared, split or "train", n)
+        prepared, split = open_prepared(source), split or "train"
+        rows = split_rows(prepared, split, n)
         if not distributed.is_main():
             return None, {}
-        return inception_stats(prepared.images, pick_device(device), rows=rows), {"split": split or "train"}
+        return inception_stats(prepared.images, pick_device(device), rows=rows), {"split": split}
     if split is not None:
         raise UserError(f"--split picks images of a prepared DATA_DIR; {source} is not one.")
     images, _, settings = images_of(source, n, device=device, **options)

@@ -157,9 +157,7 @@ def inception_stats(images: torch.Tensor | np.ndarray, device: str | torch.devic
     rows = np.arange(len(images)) if rows is None else np.asarray(rows, dtype=np.int64)
     stats = FeatureStats.empty(FEATURE_DIM)
     for start in range(0, len(rows), 1024):
-        chunk = rows[start:start + 1024]
-        block = images[chunk] if isinstance(images, np.ndarray) else images[torch.from_numpy(chunk)]
-        stats.update(inception_features(block, device, batch))
+        stats.update(inception_features(images[rows[start:start + 1024]], device, batch))
     return stats
 
 
